@@ -1,0 +1,1 @@
+"""clip-ray: distributed CLIP training on Ray, tracked in MLflow."""

@@ -1,0 +1,244 @@
+"""Typed configuration for clip-ray, in one place.
+
+One config object flows from YAML and `--set` overrides to every worker. The
+loader is strict on purpose: an unknown key, a wrong type or an impossible
+value is a one-line `ConfigError` naming the key, raised before any worker
+starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the key."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    """Image tower. `arch` picks a Vision Transformer or CLIP's modified ResNet."""
+
+    arch: Literal["vit", "resnet"] = "vit"
+    image_size: int = 224
+    # ViT: transformer width. ResNet: channels of the stem / first stage (64 for RN50).
+    width: int = 768
+    # ViT: number of residual blocks.
+    layers: int = 12
+    patch_size: int = 32
+    # ResNet: bottleneck blocks per stage.
+    resnet_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    # Attention heads are width // head_width (ResNet attention pool: 32 * width // head_width).
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    # FLIP-style: fraction of patch tokens dropped at random while training (ViT only).
+    patch_dropout: float = 0.0
+
+    def validate(self, key: str = "model.vision") -> None:
+        _check(self.image_size > 0, f"{key}.image_size", self.image_size, "must be positive")
+        _check(self.width > 0, f"{key}.width", self.width, "must be positive")
+        _check(self.head_width > 0, f"{key}.head_width", self.head_width, "must be positive")
+        _check(0.0 <= self.patch_dropout < 1.0, f"{key}.patch_dropout", self.patch_dropout, "must be in [0, 1)")
+        if self.arch == "vit":
+            _check(self.layers > 0, f"{key}.layers", self.layers, "must be positive")
+            _check(self.width % self.head_width == 0, f"{key}.width", self.width,
+                   f"must be a multiple of head_width={self.head_width}")
+            _check(self.image_size % self.patch_size == 0, f"{key}.image_size", self.image_size,
+                   f"must be a multiple of patch_size={self.patch_size}")
+        else:
+            _check(all(n > 0 for n in self.resnet_layers), f"{key}.resnet_layers", self.resnet_layers,
+                   "every stage needs at least one block")
+            _check(self.image_size % 32 == 0, f"{key}.image_size", self.image_size,
+                   "must be a multiple of 32 for a ResNet")
+            _check((self.width * 32) % self.head_width == 0, f"{key}.width", self.width,
+                   f"32 * width must be a multiple of head_width={self.head_width}")
+
+
+@dataclass
+class TextConfig:
+    """Causal text Transformer over BPE tokens."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    # Features are read at the last position whose token is not the pad id.
+    pad_token_id: int = 0
+
+    def validate(self, key: str = "model.text") -> None:
+        for name in ("context_length", "vocab_size", "width", "layers", "head_width"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
+        _check(self.width % self.head_width == 0, f"{key}.width", self.width,
+               f"must be a multiple of head_width={self.head_width}")
+
+
+@dataclass
+class ModelConfig:
+    """A whole CLIP model: both towers plus the joint embedding and temperature."""
+
+    name: str = "custom"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # OpenAI's released weights use QuickGELU; OpenCLIP's own trainings mostly GELU.
+    activation: Literal["gelu", "quick_gelu"] = "gelu"
+    init_logit_scale: float = math.log(1 / 0.07)
+    # The paper clips the learned temperature so logits are scaled by at most 100.
+    max_logit_scale: float = math.log(100)
+    # SigLIP's learnable logit bias (e.g. -10); None means the model has no bias parameter.
+    init_logit_bias: float | None = None
+    # Recompute each residual block in the backward pass (less memory, ~30% more compute).
+    grad_checkpointing: bool = False
+
+    def validate(self, key: str = "model") -> None:
+        _check(self.embed_dim > 0, f"{key}.embed_dim", self.embed_dim, "must be positive")
+        _check(self.init_logit_scale <= self.max_logit_scale, f"{key}.init_logit_scale",
+               self.init_logit_scale, f"must not exceed max_logit_scale={self.max_logit_scale}")
+        self.vision.validate(f"{key}.vision")
+        self.text.validate(f"{key}.text")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting where YAML is loose (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}={value!r}: expected {len(args)} items")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        key_tp, val_tp = args or (Any, Any)
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+    return value
+
+
+def from_dict(cls: type, data: dict, key: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or cls.__name__}={data!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for name in data:
+        if name not in known:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {name: _coerce(value, hints[name], f"{key}.{name}" if key else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain nested dict (tuples become lists) that `from_dict` and YAML both accept."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Applies one `dotted.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"{assignment!r}: an override must look like key.path=value")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping")
+    return data
