@@ -111,6 +111,75 @@ class ModelConfig:
         self.text.validate(f"{key}.text")
 
 
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """One image-text source. Several train sources are mixed by `weight`."""
+
+    # webdataset/parquet: shard pattern(s) ("shards/{00000..00127}.tar"), a directory or a URI.
+    # csv/coco: the folder holding the captions file and the images.
+    path: str = ""
+    format: Literal["webdataset", "parquet", "csv", "coco"] = "webdataset"
+    weight: float = 1.0
+    # parquet column names
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # csv / coco layout, relative to `path`
+    captions_file: str = "captions.csv"
+    images_dir: str = "images"
+    # optional file of image names to keep (e.g. Flickr8k's splits/train.txt)
+    split_file: str | None = None
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.path), f"{key}.path", self.path, "is required")
+        _check(self.weight > 0, f"{key}.weight", self.weight, "must be positive")
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from and how Ray Data prepares them for the workers."""
+
+    train: list[SourceConfig] = field(default_factory=list)
+    # Held-out pairs for validation loss and retrieval recall.
+    val: list[SourceConfig] = field(default_factory=list)
+    # An ImageFolder (one folder per class name) for zero-shot accuracy.
+    zeroshot_dir: str | None = None
+    # Tokenizer file: a trained tokenizer.json, or CLIP's bpe_simple_vocab_16e6.txt.gz.
+    tokenizer: str = ""
+    # Random-resized-crop area range for training; evaluation resizes and centre-crops.
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    # Ship uint8 pixels to the workers and normalise there (4x less object-store traffic).
+    uint8_images: bool = False
+    seed: int = 0
+    # Rows held by the local shuffle buffer behind the per-epoch shard shuffle.
+    shuffle_buffer: int = 2048
+    # Decompression-bomb guard: images with more pixels are skipped and counted.
+    max_pixels: int = 64_000_000
+    # Stop with an error naming the source when more than this fraction of samples fails.
+    max_failure_fraction: float = 0.1
+    # Ray Data preprocessing: rows per map_batches call and CPUs per preprocessing task.
+    preprocess_batch_size: int = 256
+    preprocess_num_cpus: float = 1.0
+
+    def validate(self, key: str = "data") -> None:
+        for i, source in enumerate(self.train):
+            source.validate(f"{key}.train[{i}]")
+        for i, source in enumerate(self.val):
+            source.validate(f"{key}.val[{i}]")
+        low, high = self.crop_scale
+        _check(0 < low <= high <= 1, f"{key}.crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
+        _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        _check(self.max_pixels > 0, f"{key}.max_pixels", self.max_pixels, "must be positive")
+        _check(0 <= self.max_failure_fraction <= 1, f"{key}.max_failure_fraction",
+               self.max_failure_fraction, "must be in [0, 1]")
+        _check(self.preprocess_batch_size > 0, f"{key}.preprocess_batch_size", self.preprocess_batch_size,
+               "must be positive")
+        _check(self.preprocess_num_cpus > 0, f"{key}.preprocess_num_cpus", self.preprocess_num_cpus,
+               "must be positive")
+
+
 # --------------------------------------------------------------------------- loading
 
 
