@@ -186,3 +186,14 @@ def test_bottleneck_shapes():
     out = block(torch.randn(2, 32, 8, 8))
     assert out.shape == (2, 64, 4, 4)
     assert torch.all(out >= 0)
+
+
+def test_checkpointed_resnet_compiles_without_graph_breaks():
+    """Under torch.compile the BatchNorm-preserving recompute context is bypassed; training still works."""
+    config = VisionConfig(arch="resnet", image_size=64, width=8, resnet_layers=(1, 1, 1, 1), head_width=8)
+    model = ModifiedResNet(config, embed_dim=16).train()
+    model.set_grad_checkpointing(True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    images = torch.randn(2, 3, 64, 64)
+    compiled(images).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -189,8 +189,14 @@ class ModifiedResNet(nn.Module):
         x = self.stem(images)
         for block in self.blocks():
             if self.grad_checkpointing and torch.is_grad_enabled():
-                contexts = functools.partial(_checkpoint_contexts, block)
-                x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+                if torch.compiler.is_compiling():
+                    # Dynamo accepts no custom recompute context: under torch.compile the
+                    # recomputation updates the BatchNorm running statistics a second time
+                    # (as if momentum were ~0.19 instead of 0.1); eval statistics stay sound.
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    contexts = functools.partial(_checkpoint_contexts, block)
+                    x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
             else:
                 x = block(x)
         return self.attnpool(x)
