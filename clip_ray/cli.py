@@ -1,0 +1,162 @@
+"""The `clip-ray` command line.
+
+One argparse tree: `clip-ray GROUP COMMAND ...`. Each command group is added by
+its own `add_<group>_commands(groups)` function, and each command sets `run`,
+a function of the parsed arguments returning the exit status, so a new group
+(train, eval, sweep, embed) is one more function and one more line in
+`build_parser`. Heavy imports (Ray, torch) happen inside the `run` functions,
+which keeps `clip-ray --help` fast. The scripts in jobs/ call `main` with their
+command's words put in front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from clip_ray.config import SourceConfig
+from clip_ray.data.samples import DEFAULT_MAX_PIXELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-ray", description="Distributed CLIP training on Ray.")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    add_data_commands(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+# --------------------------------------------------------------------------- shared arguments
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    ray = parser.add_argument_group("Ray")
+    ray.add_argument("--ray-address", default=None,
+                     help="cluster to connect to (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="shard pattern, directory or URI; for csv/coco the dataset folder")
+    source = parser.add_argument_group("input")
+    source.add_argument("--input-format", choices=["webdataset", "parquet", "csv", "coco"], default="webdataset")
+    source.add_argument("--captions-file", default="captions.csv",
+                        help="csv/coco: captions table relative to INPUT (default: %(default)s)")
+    source.add_argument("--images-dir", default="images", help="csv/coco: image folder relative to INPUT")
+    source.add_argument("--split-file", default=None, help="csv/coco: file of image names to keep")
+    source.add_argument("--image-column", default="image", help="parquet/csv image column")
+    source.add_argument("--caption-column", default="caption", help="parquet/csv caption column")
+
+
+def source_from_args(args: argparse.Namespace) -> SourceConfig:
+    return SourceConfig(path=args.input, format=args.input_format, captions_file=args.captions_file,
+                        images_dir=args.images_dir, split_file=args.split_file,
+                        image_column=args.image_column, caption_column=args.caption_column)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", help="folder (or URI) for the shards")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-format", choices=["tar", "parquet"], default="tar")
+    output.add_argument("--samples-per-shard", type=int, default=1000)
+    output.add_argument("--num-workers", type=int, default=None,
+                        help="partitions processed at once (default: all the cluster's CPUs)")
+    output.add_argument("--cpus-per-task", type=float, default=1.0)
+    output.add_argument("--overwrite", action="store_true",
+                        help="redo partitions a previous run finished (default: skip them)")
+    output.add_argument("--validate-images", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode every image; drop and count the bad ones")
+    output.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images count as too large")
+
+
+def _print_summary(summary: dict, keys: Sequence[str]) -> None:
+    print(json.dumps({key: summary[key] for key in keys}, indent=2))
+
+
+# --------------------------------------------------------------------------- clip-ray data ...
+
+
+def add_data_commands(groups: argparse._SubParsersAction) -> None:
+    data = groups.add_parser("data", help="convert and curate image-text data")
+    commands = data.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser("convert", help="any supported input -> WebDataset tar or Parquet shards")
+    add_source_arguments(convert)
+    add_output_arguments(convert)
+    convert.add_argument("--resize", type=int, default=None,
+                         help="shrink images to this shorter side (JPEG re-encode); smaller ones are kept")
+    convert.add_argument("--jpeg-quality", type=int, default=95)
+    convert.add_argument("--max-failure-fraction", type=float, default=1.0,
+                         help="exit with an error when more of the input is bad (default: only if all is)")
+    add_ray_arguments(convert)
+    convert.set_defaults(run=run_convert)
+
+    curate = commands.add_parser("curate", help="CLIP-style query matching, per-query cap, image dedup")
+    add_source_arguments(curate)
+    add_output_arguments(curate)
+    curate.add_argument("--queries", required=True, help="query list, one per line")
+    curate.add_argument("--max-per-query", type=int, default=20_000)
+    curate.add_argument("--seed", type=int, default=0, help="picks which pairs of a query over the cap stay")
+    curate.add_argument("--min-words", type=int, default=0)
+    curate.add_argument("--max-words", type=int, default=None)
+    curate.add_argument("--min-chars", type=int, default=0)
+    curate.add_argument("--max-chars", type=int, default=None)
+    curate.add_argument("--dedup-images", action=argparse.BooleanOptionalAction, default=True,
+                        help="drop pairs whose image bytes repeat an earlier pair's")
+    add_ray_arguments(curate)
+    curate.set_defaults(run=run_curate)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from clip_ray.data.convert import ConvertOptions, convert
+    from clip_ray.data.formats import DataError
+    from clip_ray.ray_utils import ray_session
+
+    options = ConvertOptions(
+        samples_per_shard=args.samples_per_shard, output_format=args.output_format,
+        validate_images=args.validate_images, max_pixels=args.max_pixels, resize=args.resize,
+        jpeg_quality=args.jpeg_quality, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
+        overwrite=args.overwrite, max_failure_fraction=args.max_failure_fraction,
+    )
+    with ray_session(args.ray_address, args.num_cpus):
+        try:
+            stats = convert(source_from_args(args), args.output, options)
+        except DataError as err:
+            print(f"clip-ray data convert: {err}", file=sys.stderr)
+            return 1
+    _print_summary(stats, ["samples_written", "shards_written", "failures", "partitions_reused", "duration_s"])
+    return 0
+
+
+def run_curate(args: argparse.Namespace) -> int:
+    from clip_ray.data.curate import CurateOptions, curate
+    from clip_ray.data.formats import DataError
+    from clip_ray.ray_utils import ray_session
+
+    options = CurateOptions(
+        max_per_query=args.max_per_query, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
+        min_chars=args.min_chars, max_chars=args.max_chars, dedup_images=args.dedup_images,
+        validate_images=args.validate_images, max_pixels=args.max_pixels, samples_per_shard=args.samples_per_shard,
+        output_format=args.output_format, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
+        overwrite=args.overwrite,
+    )
+    with ray_session(args.ray_address, args.num_cpus):
+        try:
+            report = curate(source_from_args(args), args.queries, args.output, options)
+        except DataError as err:
+            print(f"clip-ray data curate: {err}", file=sys.stderr)
+            return 1
+    _print_summary(report, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
