@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, image-text retrieval, prompt templates."""
