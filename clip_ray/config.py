@@ -8,19 +8,14 @@ starts.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible; the message names the key."""
+from clip_ray.dataclass_io import (  # noqa: F401  (re-exported: callers import them from here)
+    ConfigError, apply_override, check, deep_merge, from_dict, load_yaml, to_dict,
+)
 
 
 # --------------------------------------------------------------------------- model
@@ -46,22 +41,22 @@ class VisionConfig:
     patch_dropout: float = 0.0
 
     def validate(self, key: str = "model.vision") -> None:
-        _check(self.image_size > 0, f"{key}.image_size", self.image_size, "must be positive")
-        _check(self.width > 0, f"{key}.width", self.width, "must be positive")
-        _check(self.head_width > 0, f"{key}.head_width", self.head_width, "must be positive")
-        _check(0.0 <= self.patch_dropout < 1.0, f"{key}.patch_dropout", self.patch_dropout, "must be in [0, 1)")
+        check(self.image_size > 0, f"{key}.image_size", self.image_size, "must be positive")
+        check(self.width > 0, f"{key}.width", self.width, "must be positive")
+        check(self.head_width > 0, f"{key}.head_width", self.head_width, "must be positive")
+        check(0.0 <= self.patch_dropout < 1.0, f"{key}.patch_dropout", self.patch_dropout, "must be in [0, 1)")
         if self.arch == "vit":
-            _check(self.layers > 0, f"{key}.layers", self.layers, "must be positive")
-            _check(self.width % self.head_width == 0, f"{key}.width", self.width,
+            check(self.layers > 0, f"{key}.layers", self.layers, "must be positive")
+            check(self.width % self.head_width == 0, f"{key}.width", self.width,
                    f"must be a multiple of head_width={self.head_width}")
-            _check(self.image_size % self.patch_size == 0, f"{key}.image_size", self.image_size,
+            check(self.image_size % self.patch_size == 0, f"{key}.image_size", self.image_size,
                    f"must be a multiple of patch_size={self.patch_size}")
         else:
-            _check(all(n > 0 for n in self.resnet_layers), f"{key}.resnet_layers", self.resnet_layers,
+            check(all(n > 0 for n in self.resnet_layers), f"{key}.resnet_layers", self.resnet_layers,
                    "every stage needs at least one block")
-            _check(self.image_size % 32 == 0, f"{key}.image_size", self.image_size,
+            check(self.image_size % 32 == 0, f"{key}.image_size", self.image_size,
                    "must be a multiple of 32 for a ResNet")
-            _check((self.width * 32) % self.head_width == 0, f"{key}.width", self.width,
+            check((self.width * 32) % self.head_width == 0, f"{key}.width", self.width,
                    f"32 * width must be a multiple of head_width={self.head_width}")
 
 
@@ -80,8 +75,8 @@ class TextConfig:
 
     def validate(self, key: str = "model.text") -> None:
         for name in ("context_length", "vocab_size", "width", "layers", "head_width"):
-            _check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
-        _check(self.width % self.head_width == 0, f"{key}.width", self.width,
+            check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
+        check(self.width % self.head_width == 0, f"{key}.width", self.width,
                f"must be a multiple of head_width={self.head_width}")
 
 
@@ -104,8 +99,8 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def validate(self, key: str = "model") -> None:
-        _check(self.embed_dim > 0, f"{key}.embed_dim", self.embed_dim, "must be positive")
-        _check(self.init_logit_scale <= self.max_logit_scale, f"{key}.init_logit_scale",
+        check(self.embed_dim > 0, f"{key}.embed_dim", self.embed_dim, "must be positive")
+        check(self.init_logit_scale <= self.max_logit_scale, f"{key}.init_logit_scale",
                self.init_logit_scale, f"must not exceed max_logit_scale={self.max_logit_scale}")
         self.vision.validate(f"{key}.vision")
         self.text.validate(f"{key}.text")
@@ -133,8 +128,8 @@ class SourceConfig:
     split_file: str | None = None
 
     def validate(self, key: str) -> None:
-        _check(bool(self.path), f"{key}.path", self.path, "is required")
-        _check(self.weight > 0, f"{key}.weight", self.weight, "must be positive")
+        check(bool(self.path), f"{key}.path", self.path, "is required")
+        check(self.weight > 0, f"{key}.weight", self.weight, "must be positive")
 
 
 @dataclass
@@ -169,14 +164,14 @@ class DataConfig:
         for i, source in enumerate(self.val):
             source.validate(f"{key}.val[{i}]")
         low, high = self.crop_scale
-        _check(0 < low <= high <= 1, f"{key}.crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
-        _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
-        _check(self.max_pixels > 0, f"{key}.max_pixels", self.max_pixels, "must be positive")
-        _check(0 <= self.max_failure_fraction <= 1, f"{key}.max_failure_fraction",
+        check(0 < low <= high <= 1, f"{key}.crop_scale", self.crop_scale, "must satisfy 0 < low <= high <= 1")
+        check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        check(self.max_pixels > 0, f"{key}.max_pixels", self.max_pixels, "must be positive")
+        check(0 <= self.max_failure_fraction <= 1, f"{key}.max_failure_fraction",
                self.max_failure_fraction, "must be in [0, 1]")
-        _check(self.preprocess_batch_size > 0, f"{key}.preprocess_batch_size", self.preprocess_batch_size,
+        check(self.preprocess_batch_size > 0, f"{key}.preprocess_batch_size", self.preprocess_batch_size,
                "must be positive")
-        _check(self.preprocess_num_cpus > 0, f"{key}.preprocess_num_cpus", self.preprocess_num_cpus,
+        check(self.preprocess_num_cpus > 0, f"{key}.preprocess_num_cpus", self.preprocess_num_cpus,
                "must be positive")
 
 
@@ -227,24 +222,24 @@ class DemoDataConfig:
         # Imported here so this module stays importable without PIL; it knows the colour and shape words.
         from clip_ray.data.synthetic import HUES, SHAPE_WORDS
 
-        _check(16 <= self.image_size <= 512, f"{key}.image_size", self.image_size, "must be in [16, 512]")
+        check(16 <= self.image_size <= 512, f"{key}.image_size", self.image_size, "must be in [16, 512]")
         for name in ("num_train", "num_val", "num_zeroshot_per_class", "samples_per_shard"):
-            _check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
-        _check(self.num_workers >= 0, f"{key}.num_workers", self.num_workers, "must be 0 (one per CPU) or more")
-        _check(1 <= self.jpeg_quality <= 100, f"{key}.jpeg_quality", self.jpeg_quality, "must be in [1, 100]")
+            check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
+        check(self.num_workers >= 0, f"{key}.num_workers", self.num_workers, "must be 0 (one per CPU) or more")
+        check(1 <= self.jpeg_quality <= 100, f"{key}.jpeg_quality", self.jpeg_quality, "must be in [1, 100]")
         for name, known in (("colours", HUES), ("shapes", SHAPE_WORDS)):
             names = getattr(self, name)
-            _check(len(names) >= 2 and set(names) <= set(known) and len(set(names)) == len(names),
+            check(len(names) >= 2 and set(names) <= set(known) and len(set(names)) == len(names),
                    f"{key}.{name}", names, f"need two or more distinct names from {', '.join(known)}")
-        _check(0 <= self.held_out_per_colour < len(self.shapes), f"{key}.held_out_per_colour",
+        check(0 <= self.held_out_per_colour < len(self.shapes), f"{key}.held_out_per_colour",
                self.held_out_per_colour, "must leave every colour at least one shape in training")
         classes = {f"{colour} {shape}" for colour, shape in self.combos()}
         unknown = [name for name in self.held_out if name not in classes]
-        _check(not unknown, f"{key}.held_out", unknown, "are not colour-shape classes of this config")
-        _check(bool(self.held_out_classes()), f"{key}.held_out", self.held_out,
+        check(not unknown, f"{key}.held_out", unknown, "are not colour-shape classes of this config")
+        check(bool(self.held_out_classes()), f"{key}.held_out", self.held_out,
                "holds out nothing, so nothing tests generalisation")
         seen = self.seen_combos()
-        _check({c for c, _ in seen} == set(self.colours) and {s for _, s in seen} == set(self.shapes),
+        check({c for c, _ in seen} == set(self.colours) and {s for _, s in seen} == set(self.shapes),
                f"{key}.held_out", self.held_out_classes(), "must leave every colour and every shape in training")
 
 
@@ -288,17 +283,17 @@ class TrainConfig:
     def validate(self, key: str = "train") -> None:
         for name in ("global_batch_size", "accumulation_steps", "steps", "log_every", "keep_checkpoints",
                      "max_consecutive_nonfinite"):
-            _check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
+            check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay"):
-            _check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
-        _check(self.lr > 0, f"{key}.lr", self.lr, "must be positive")
-        _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+            check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
+        check(self.lr > 0, f"{key}.lr", self.lr, "must be positive")
+        check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.betas is not None:
-            _check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", self.betas, "must be in [0, 1)")
+            check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", self.betas, "must be in [0, 1)")
         if self.eps is not None:
-            _check(self.eps > 0, f"{key}.eps", self.eps, "must be positive")
+            check(self.eps > 0, f"{key}.eps", self.eps, "must be positive")
         if self.grad_clip_norm is not None:
-            _check(self.grad_clip_norm > 0, f"{key}.grad_clip_norm", self.grad_clip_norm, "must be positive")
+            check(self.grad_clip_norm > 0, f"{key}.grad_clip_norm", self.grad_clip_norm, "must be positive")
 
 
 @dataclass
@@ -317,8 +312,8 @@ class EvalConfig:
     recall_at: tuple[int, ...] = (1, 5, 10)
 
     def validate(self, key: str = "eval") -> None:
-        _check(self.batch_size > 0, f"{key}.batch_size", self.batch_size, "must be positive")
-        _check(all(k > 0 for k in self.recall_at), f"{key}.recall_at", self.recall_at, "must be positive")
+        check(self.batch_size > 0, f"{key}.batch_size", self.batch_size, "must be positive")
+        check(all(k > 0 for k in self.recall_at), f"{key}.recall_at", self.recall_at, "must be positive")
 
 
 @dataclass
@@ -357,10 +352,10 @@ class ClusterConfig:
     max_failures: int = 0
 
     def validate(self, key: str = "cluster") -> None:
-        _check(self.num_workers > 0, f"{key}.num_workers", self.num_workers, "must be positive")
-        _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "must be positive")
-        _check(self.max_failures >= -1, f"{key}.max_failures", self.max_failures, "must be >= -1 (-1: forever)")
-        _check(bool(self.run_name), f"{key}.run_name", self.run_name, "is required")
+        check(self.num_workers > 0, f"{key}.num_workers", self.num_workers, "must be positive")
+        check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "must be positive")
+        check(self.max_failures >= -1, f"{key}.max_failures", self.max_failures, "must be >= -1 (-1: forever)")
+        check(bool(self.run_name), f"{key}.run_name", self.run_name, "is required")
 
 
 @dataclass
@@ -384,10 +379,10 @@ class Config:
         if self.demo is not None:
             self.demo.validate()
         else:
-            _check(bool(self.data.train), "data.train", self.data.train, "needs at least one source")
-            _check(bool(self.data.tokenizer), "data.tokenizer", self.data.tokenizer, "is required")
+            check(bool(self.data.train), "data.train", self.data.train, "needs at least one source")
+            check(bool(self.data.tokenizer), "data.tokenizer", self.data.tokenizer, "is required")
         per_step = self.cluster.num_workers * self.train.accumulation_steps
-        _check(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
+        check(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
                self.train.global_batch_size,
                f"must be divisible by cluster.num_workers x train.accumulation_steps = {per_step}")
 
@@ -410,155 +405,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except (KeyError, ValueError) as err:
             raise ConfigError(f"model.preset={model['preset']!r}: {err.args[0]}") from None
         overrides_of_preset = {k: v for k, v in model.items() if k != "preset"}
-        data["model"] = _deep_merge(base, overrides_of_preset)
+        data["model"] = deep_merge(base, overrides_of_preset)
     config = from_dict(Config, data)
     config.validate()
     return config
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for name, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(name), dict):
-            merged[name] = _deep_merge(merged[name], value)
-        else:
-            merged[name] = value
-    return merged
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _check(ok: bool, key: str, value: Any, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {why}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks `value` against the annotation `tp`, converting where YAML is loose (int -> float, list -> tuple)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(repr, args))}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping of {tp.__name__} fields")
-        return from_dict(tp, value, key)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}={value!r}: expected {len(args)} items")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping")
-        key_tp, val_tp = args or (Any, Any)
-        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
-    return value
-
-
-def from_dict(cls: type, data: dict, key: str = "") -> Any:
-    """Builds dataclass `cls` from a nested dict, refusing unknown keys and wrong types."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{key or cls.__name__}={data!r}: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    for name in data:
-        if name not in known:
-            where = f"{key}.{name}" if key else str(name)
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {name: _coerce(value, hints[name], f"{key}.{name}" if key else name)
-              for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    """A plain nested dict (tuples become lists) that `from_dict` and YAML both accept."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Applies one `dotted.key=value` override in place; the value is parsed as YAML."""
-    if "=" not in assignment:
-        raise ConfigError(f"{assignment!r}: an override must look like key.path=value")
-    dotted, raw = assignment.split("=", 1)
-    parts = dotted.strip().split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {dotted}")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw)
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping")
-    return data
