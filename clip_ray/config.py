@@ -320,7 +320,7 @@ class EvalConfig:
 class TrackingConfig:
     """MLflow, from rank 0 only. Training never stops because the server is away."""
 
-    # None: MLFLOW_TRACKING_URI, else a local store (./mlruns) in the working directory.
+    # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (artifacts in ./mlruns), resolved on the driver.
     tracking_uri: str | None = None
     experiment: str = "clip-ray"
     run_name: str | None = None
