@@ -1,0 +1,155 @@
+"""The optimiser step: accumulation keeps the full batch's negatives, and non-finite losses are skipped."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from clip_ray.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
+from clip_ray.loss import build_loss
+from clip_ray.model import build_model
+from clip_ray.train.optim import build_optimizer, make_grad_scaler
+from clip_ray.train.step import NonFiniteLossError, TrainStep
+
+TINY_VIT = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
+                       text=TextConfig(context_length=8, vocab_size=64, width=32, layers=1, head_width=16))
+TINY_RESNET = ModelConfig(embed_dim=16, vision=VisionConfig(arch="resnet", image_size=32, width=8,
+                                                            resnet_layers=(1, 1, 1, 1), head_width=8),
+                          text=TextConfig(context_length=8, vocab_size=64, width=32, layers=1, head_width=16))
+
+
+def _batch(n: int, config: ModelConfig, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    images = torch.randn(n, 3, size, size, generator=g)
+    texts = torch.randint(1, config.text.vocab_size, (n, config.text.context_length), generator=g)
+    return images, texts
+
+
+def _one_step(model, config, train_cfg, images, texts, wrap=lambda m: m):
+    """One TrainStep; the gradients it used and the parameters after it.
+
+    Compare parameters only with a large Adam eps: with the default, gradients that
+    are zero up to rounding (a key bias) turn into full +-lr steps of random sign.
+    """
+    optimizer = build_optimizer(model, train_cfg, config)
+    step = TrainStep(wrap(model), optimizer, build_loss(train_cfg.loss), make_grad_scaler("fp32", "cpu"),
+                     train_cfg, torch.device("cpu"))
+    result = step(images, texts)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_accumulation_equals_one_step_on_the_whole_batch(loss):
+    config = copy.deepcopy(TINY_VIT)
+    config.init_logit_bias = -10.0 if loss == "siglip" else None
+    torch.manual_seed(0)
+    model = build_model(config)
+    images, texts = _batch(12, config)
+    whole = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=1)
+    accumulated = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=3)
+    r1, g1, p1 = _one_step(copy.deepcopy(model), config, whole, images, texts)
+    r3, g3, p3 = _one_step(copy.deepcopy(model), config, accumulated, images, texts)
+    assert r1.loss == pytest.approx(r3.loss, rel=1e-6)
+    assert g1.keys() == g3.keys() and "logit_scale" in g1
+    for name in g1:
+        torch.testing.assert_close(g3[name], g1[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name in p1:
+        torch.testing.assert_close(p3[name], p1[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Control: scoring each micro-batch only against itself would give another gradient.
+    with torch.no_grad():
+        small = build_loss(loss)(*copy.deepcopy(model)(images[:4], texts[:4]))
+    assert abs(float(small) - r1.loss) > 1e-3
+
+
+def test_accumulation_replays_patch_dropout_and_counts_batch_norm_once():
+    config = copy.deepcopy(TINY_RESNET)
+    torch.manual_seed(0)
+    model = build_model(config)
+    images, texts = _batch(8, config)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():  # the two micro-batches, each through the BatchNorms once
+        reference(images[:4], texts[:4])
+        reference(images[4:], texts[4:])
+    _one_step(model, config, TrainConfig(precision="fp32", accumulation_steps=2, warmup_steps=0), images, texts)
+    for (name, mine), (_, ref) in zip(model.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(mine, ref, msg=name)
+
+    vit = copy.deepcopy(TINY_VIT)
+    vit.vision.patch_dropout = 0.5
+    torch.manual_seed(1)
+    model = build_model(vit)
+    images, texts = _batch(8, vit)
+    # Reference: both micro-batches encoded with a graph, in order, from the same random state.
+    reference = copy.deepcopy(model)
+    torch.manual_seed(5)
+    first, second = reference(images[:4], texts[:4]), reference(images[4:], texts[4:])
+    build_loss("clip")(torch.cat([first.image_features, second.image_features]),
+                       torch.cat([first.text_features, second.text_features]), first.logit_scale).backward()
+    torch.manual_seed(5)
+    _, grads, _ = _one_step(model, vit, TrainConfig(precision="fp32", accumulation_steps=2, warmup_steps=0),
+                            images, texts)
+    # Re-encoding draws the very patches of the cached pass; without the replay these differ.
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run():
+    torch.manual_seed(0)
+    model = build_model(TINY_VIT)
+    cfg = TrainConfig(precision="fp32", max_consecutive_nonfinite=3, warmup_steps=0)
+    step = TrainStep(model, build_optimizer(model, cfg, TINY_VIT), build_loss("clip"), make_grad_scaler("fp32", "cpu"),
+                     cfg, torch.device("cpu"))
+    images, texts = _batch(4, TINY_VIT)
+    poisoned = images.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert step(poisoned, texts).skipped
+    assert step(poisoned, texts).skipped
+    for name, param in model.named_parameters():  # skipped steps leave the weights alone
+        assert torch.equal(param, before[name]), name
+    assert not step(images, texts).skipped  # a good step resets the run of bad ones
+    assert step.consecutive_nonfinite == 0 and step.total_nonfinite == 2
+    step(poisoned, texts)
+    step(poisoned, texts)
+    with pytest.raises(NonFiniteLossError, match="3 optimiser steps in a row"):
+        step(poisoned, texts)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = build_model(TINY_VIT)
+        images, texts = _batch(16, TINY_VIT)
+        local = slice(rank * 8, rank * 8 + 8)
+        cfg = TrainConfig(precision="fp32", accumulation_steps=4, warmup_steps=0, lr=1e-3, eps=1.0)
+        _, grads, params = _one_step(model, TINY_VIT, cfg, images[local], texts[local],
+                                     wrap=torch.nn.parallel.DistributedDataParallel)
+        torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulation_under_ddp_matches_one_process_on_the_global_batch():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model = build_model(TINY_VIT)
+    images, texts = _batch(16, TINY_VIT)
+    _, grads, params = _one_step(model, TINY_VIT, TrainConfig(precision="fp32", warmup_steps=0, lr=1e-3, eps=1.0),
+                                 images, texts)
+    for result in results:
+        for name in grads:
+            torch.testing.assert_close(result["grads"][name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        for name in params:
+            torch.testing.assert_close(result["params"][name], params[name], rtol=1e-4, atol=1e-5, msg=name)
