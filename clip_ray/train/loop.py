@@ -185,7 +185,7 @@ def run_training(config: Config, context: WorkerContext) -> dict:
                     rate = per_step * (step - last_log_step) / max(now - last_log, 1e-9)
                     eta = (cfg.train.steps - step) * per_step / max(rate, 1e-9)
                     metrics = {"train/loss": result.loss, "train/lr": optimizer.param_groups[0]["lr"],
-                               "train/logit_scale": float(model.logit_scale.exp()),
+                               "train/logit_scale": model.logit_scale.detach().exp().item(),
                                "train/samples_per_s": rate, "train/epoch": position["epoch"],
                                "train/nonfinite_steps": step_fn.total_nonfinite}
                     if result.grad_norm is not None:
