@@ -35,3 +35,15 @@ def flickr8k_dir() -> Path:
 def cifar10_dir() -> Path:
     """../shared/data/cifar10-test: ImageFolder layout, 10 classes of 32x32 JPEGs."""
     return _shared_dir("cifar10-test")
+
+
+@pytest.fixture(scope="session")
+def kuberay_schemas_dir() -> Path:
+    """../shared/schemas/kuberay: KubeRay's RayCluster and RayJob CRDs (openAPIV3Schema) to validate infra/k8s against."""
+    path = Path(os.environ.get("CLIP_RAY_SHARED_SCHEMAS", REPO_ROOT.parent / "shared" / "schemas")) / "kuberay"
+    if not path.is_dir():
+        reason = f"KubeRay CRD schemas {path} are absent (they sit beside the repo as ../shared/schemas)"
+        if os.environ.get("CLIP_RAY_REQUIRE_SHARED") == "1":
+            pytest.fail(f"CLIP_RAY_REQUIRE_SHARED=1 but {reason}")
+        pytest.skip(reason)
+    return path
