@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from typing import Sequence
 
 from clip_ray.config import SourceConfig
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-ray", description="Distributed CLIP training on Ray.")
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     add_data_commands(groups)
+    add_train_commands(groups)
+    add_eval_commands(groups)
     return parser
 
 
@@ -75,6 +78,13 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--validate-images", action=argparse.BooleanOptionalAction, default=True,
                         help="decode every image; drop and count the bad ones")
     output.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images count as too large")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--config", default=None, help=f"YAML config file (default: {default_help})")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="override config values, e.g. --set train.lr=1e-4 cluster.num_workers=4 "
+                             "(values are YAML; repeatable)")
 
 
 def _print_summary(summary: dict, keys: Sequence[str]) -> None:
@@ -155,6 +165,123 @@ def run_curate(args: argparse.Namespace) -> int:
             print(f"clip-ray data curate: {err}", file=sys.stderr)
             return 1
     _print_summary(report, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+    return 0
+
+
+# --------------------------------------------------------------------------- clip-ray train / eval
+
+
+def add_train_commands(groups: argparse._SubParsersAction) -> None:
+    train = groups.add_parser("train", help="train CLIP with Ray Train, tracked in MLflow",
+                              description="Train (or resume) one run. Without --config: the demo, which "
+                                          "generates its data and finishes in a few minutes on 2 CPU cores.")
+    add_config_arguments(train, "configs/demo-cpu.yaml, the demo")
+    train.add_argument("--demo-data-dir", default="demo-data",
+                       help="where a config with a demo section puts its generated data (default: %(default)s)")
+    add_ray_arguments(train)
+    train.set_defaults(run=run_train)
+
+
+def add_eval_commands(groups: argparse._SubParsersAction) -> None:
+    evaluate = groups.add_parser("eval", help="evaluate a checkpoint or an MLflow model",
+                                 description="Zero-shot accuracy on data.zeroshot_dir and retrieval recall "
+                                             "(and loss) on data.val of the config.")
+    evaluate.add_argument("model", help="a checkpoint directory, a run directory (its latest checkpoint), "
+                                        "or an MLflow model URI (runs:/ID/model, models:/NAME/VERSION, models:/ID)")
+    add_config_arguments(evaluate, "configs/demo-cpu.yaml with its demo data")
+    evaluate.add_argument("--demo-data-dir", default="demo-data", help="demo data of a config with a demo section")
+    evaluate.add_argument("--json", dest="json_path", default=None, help="also write the metrics to this file")
+    add_ray_arguments(evaluate)
+    evaluate.set_defaults(run=run_eval)
+
+
+def _load_job_config(args: argparse.Namespace):
+    """The config of a train/eval command, demo data made where it has a demo section; ConfigError otherwise."""
+    from clip_ray.config import load_config
+    from clip_ray.train.demo import default_config_path, prepare_demo
+
+    config = load_config(args.config or default_config_path(), args.overrides)
+    dataset = None
+    if config.demo is not None:
+        config, dataset = prepare_demo(config, args.demo_data_dir)
+    return config, dataset
+
+
+def print_train_summary(outcome, dataset=None) -> None:
+    """What a person reads at the end of a job: before/after metrics, where the model and the run are."""
+    from clip_ray.eval.report import metrics_table
+    from clip_ray.train.demo import demo_report
+    from clip_ray.train.trainer import mlflow_ui_hint
+
+    summary = outcome.summary
+    resumed = f" (resumed at step {outcome.resumed_from_step})" if outcome.resumed_from_step is not None else ""
+    print(f"\nRun {outcome.run_path}: {summary.get('step', '?')} steps, {summary.get('samples_seen', '?')} samples"
+          f"{resumed}")
+    columns = {"before": outcome.before, "after": outcome.final}
+    print(demo_report(*columns.values(), dataset) if dataset is not None else metrics_table(columns))
+    print(f"Checkpoint: {outcome.checkpoint_path}")
+    if outcome.mlflow_run_id:
+        print(f"MLflow run {outcome.mlflow_run_id} in {outcome.tracking_uri}")
+    else:
+        print(f"MLflow run: none, {outcome.tracking_uri} never answered (metrics are in the checkpoints)")
+    print(f"  to browse the runs: {mlflow_ui_hint(outcome.tracking_uri)}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from clip_ray.config import ConfigError
+    from clip_ray.ray_utils import ray_session
+    from clip_ray.train.inputs import check_inputs, prepare_config
+    from clip_ray.train.trainer import train
+
+    started = time.perf_counter()
+    try:
+        config, dataset = _load_job_config(args)
+        config = prepare_config(config)
+        check_inputs(config)  # before Ray starts: a bad path costs a second, not a cluster start
+    except ConfigError as err:
+        print(f"clip-ray train: {err}", file=sys.stderr)
+        return 2
+    import ray.train
+
+    with ray_session(args.ray_address, args.num_cpus):
+        try:
+            outcome = train(config)
+        except ConfigError as err:
+            print(f"clip-ray train: {err}", file=sys.stderr)
+            return 2
+        except ray.train.TrainingFailedError as err:
+            print(f"clip-ray train: training failed: {err}", file=sys.stderr)
+            return 1
+    print_train_summary(outcome, dataset)
+    print(f"Wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from clip_ray.config import ConfigError
+    from clip_ray.eval.report import metrics_table
+    from clip_ray.eval.standalone import evaluate_model
+    from clip_ray.ray_utils import ray_session
+    from clip_ray.train.inputs import check_inputs, prepare_config
+
+    try:
+        config, _ = _load_job_config(args)
+        config = prepare_config(config)
+        check_inputs(config)
+    except ConfigError as err:
+        print(f"clip-ray eval: {err}", file=sys.stderr)
+        return 2
+    with ray_session(args.ray_address, args.num_cpus):
+        try:
+            metrics = evaluate_model(config, args.model)
+        except (ConfigError, FileNotFoundError) as err:
+            print(f"clip-ray eval: {err}", file=sys.stderr)
+            return 2
+    print(metrics_table({"model": metrics}))
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
     return 0
 
 

@@ -1,0 +1,208 @@
+"""One training job as a Ray Train TorchTrainer, assembled from the config alone.
+
+The driver does what must happen once and before any worker starts:
+
+    config -> inputs.prepare_config: absolute paths, MLflow URI, a 'bpe:N' tokenizer trained
+           -> inputs.check_inputs: a one-line ConfigError naming the key
+           -> the run's directory, storage_path/run_name: resume it, or move it aside
+           -> TorchTrainer(N workers x resources) -> fit -> TrainOutcome
+
+Resume is Ray Train V2's: a run directory keeps `checkpoint_manager_snapshot.json`,
+and a trainer with the same storage_path and name loads it and hands the latest
+checkpoint to `ray.train.get_checkpoint()`; the loop restores from it exactly. The
+driver reads the same snapshot to say which of the two is about to happen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from clip_ray.config import Config, from_dict, to_dict
+from clip_ray.data.storage import basename, join, resolve
+from clip_ray.train.inputs import check_inputs, prepare_config
+
+log = logging.getLogger("clip_ray.trainer")
+
+# Ray Train V2 writes this file into the run directory after every checkpoint.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+@dataclass
+class RunDirectory:
+    """storage_path/run_name, on any filesystem pyarrow knows (local, s3://, gs://)."""
+
+    storage_path: str
+    run_name: str
+
+    @property
+    def path(self) -> str:
+        return join(self.storage_path, self.run_name)
+
+    def exists(self) -> bool:
+        fs, path = resolve(self.path)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def latest_checkpoint(self) -> dict | None:
+        """Metrics of the checkpoint Ray Train will resume from (they hold the loop's "step"), or None."""
+        fs, path = resolve(join(self.path, RAY_SNAPSHOT_FILE))
+        try:
+            with fs.open_input_stream(path) as stream:
+                snapshot = json.loads(stream.read().decode())
+        except FileNotFoundError:
+            return None
+        latest = snapshot.get("latest_checkpoint_result")
+        if not latest:
+            return None
+        return {"checkpoint": join(self.path, latest["checkpoint_dir_name"]), **latest.get("metrics", {})}
+
+    def move_aside(self) -> str:
+        """Renames the run directory to `<run_name>.moved-<timestamp>` beside it; never deletes anything."""
+        target = join(self.storage_path, f"{self.run_name}.moved-{time.strftime('%Y%m%d-%H%M%S')}")
+        fs, source_path = resolve(self.path)
+        _, target_path = resolve(target)
+        try:
+            fs.move(source_path, target_path)
+        except (NotImplementedError, OSError):  # object stores cannot rename a "directory": copy, then remove
+            pafs.copy_files(source_path, target_path, source_filesystem=fs, destination_filesystem=fs)
+            fs.delete_dir(source_path)
+        return target
+
+
+# --------------------------------------------------------------------------- the workers
+
+
+def log_to_stdout(level: int = logging.INFO) -> None:
+    """Sends clip_ray's log records to stdout once per process: in a Ray worker that is what Ray
+    forwards to the driver, and so to `ray job logs`."""
+    logger = logging.getLogger("clip_ray")
+    logger.setLevel(level)
+    if not any(getattr(handler, "clip_ray_stdout", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.clip_ray_stdout = True
+        logger.addHandler(handler)
+        logger.propagate = False  # a root handler set up by someone else would print everything twice
+
+
+def _train_worker(loop_config: dict) -> dict:
+    """TorchTrainer's per-worker function: the loop with its progress visible, returning its
+    summary (Ray hands rank 0's to the driver as Result.return_value)."""
+    from ray.data import DataContext
+
+    from clip_ray.train.context import RayTrainContext
+    from clip_ray.train.loop import run_training
+
+    log_to_stdout()
+    # Each epoch's stream would draw progress bars into the job's log, one line per redraw,
+    # and announce its execution plan in three more.
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    config = from_dict(Config, loop_config["config"])
+    return run_training(config, RayTrainContext())
+
+
+def build_trainer(config: Config) -> "ray.train.torch.TorchTrainer":  # noqa: F821
+    """The TorchTrainer of this config: N workers with their CPUs (fractions allowed) and GPUs,
+    checkpoints under storage_path/run_name (the latest train.keep_checkpoints kept), restarts
+    from the latest checkpoint up to cluster.max_failures times."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = prepare_config(config)
+    cluster = config.cluster
+    resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    # No checkpoint_score_attribute: Ray then keeps checkpoints in the order reported and
+    # drops the oldest, so "the latest K" is what stays (score order only applies to a score).
+    checkpoints = CheckpointConfig(num_to_keep=config.train.keep_checkpoints)
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": to_dict(config)},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cluster.run_name, storage_path=cluster.storage_path,
+                             checkpoint_config=checkpoints,
+                             failure_config=FailureConfig(max_failures=cluster.max_failures)),
+    )
+
+
+# --------------------------------------------------------------------------- one job
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished job leaves: Ray's Result plus rank 0's summary of the loop."""
+
+    result: Any  # ray.train.Result
+    run_path: str
+    tracking_uri: str
+    resumed_from_step: int | None = None
+    moved_aside_to: str | None = None
+    # run_training's return on rank 0: "before"/"final" metrics, step, epoch, samples_seen, mlflow_run_id.
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def before(self) -> dict:
+        return self.summary.get("before") or {}
+
+    @property
+    def final(self) -> dict:
+        return self.summary.get("final") or {}
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.summary.get("mlflow_run_id")
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        return self.result.checkpoint.path if self.result.checkpoint is not None else None
+
+
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """How a person opens the runs of this tracking URI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def train(config: Config) -> TrainOutcome:
+    """Runs (or resumes) one training job on the connected Ray cluster; raises on failure
+    (ConfigError before any worker starts, ray.train.TrainingFailedError after)."""
+    config = prepare_config(config)
+    check_inputs(config)
+    cluster = config.cluster
+    run = RunDirectory(cluster.storage_path, cluster.run_name)
+    moved_to = None
+    if cluster.fresh_start and run.exists():
+        moved_to = run.move_aside()
+        log.info("fresh start: moved the previous run %s aside to %s", cluster.run_name, moved_to)
+    latest = run.latest_checkpoint()
+    resumed_from = int(latest["step"]) if latest and "step" in latest else None
+    if resumed_from is not None:
+        log.info("resuming run %s from step %d of %d (checkpoint %s)", cluster.run_name, resumed_from,
+                 config.train.steps, basename(latest["checkpoint"]))
+        if resumed_from >= config.train.steps:
+            log.warning("run %s has done its %d steps already: it is only evaluated again (raise "
+                        "train.steps to go on, or set cluster.fresh_start=true to start over)",
+                        cluster.run_name, resumed_from)
+    else:
+        log.info("starting fresh run %s in %s", cluster.run_name, run.path)
+    log.info("%d worker(s) x %s; MLflow at %s", cluster.num_workers,
+             f"{cluster.cpus_per_worker:g} CPU" + (f" + {cluster.gpus_per_worker:g} GPU" if cluster.use_gpu else ""),
+             config.tracking.tracking_uri)
+    result = build_trainer(config).fit()
+    return TrainOutcome(result=result, run_path=run.path, tracking_uri=config.tracking.tracking_uri,
+                        resumed_from_step=resumed_from, moved_aside_to=moved_to,
+                        summary=result.return_value or {})
