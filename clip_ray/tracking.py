@@ -82,6 +82,11 @@ def resolve_tracking_uri(config: TrackingConfig) -> str:
     return uri
 
 
+def mlflow_metric_name(name: str) -> str:
+    """MLflow refuses '@' in metric names: recall@k is logged as R_at_k (val/image_to_text_R_at_5)."""
+    return name.replace("@", "_at_")
+
+
 def flatten_params(tree: Any, prefix: str = "") -> dict[str, str]:
     """Nested config dict -> {"train.lr": "0.0005", "data.train.0.path": ...}, values cut to MLflow's limit.
 
@@ -216,6 +221,7 @@ class Tracker(NullTracker):
         with self._lock:
             self._last_step = step
             for name, value in metrics.items():
+                name = mlflow_metric_name(name)
                 try:  # checked here, so one bad metric cannot get a whole batch refused later
                     _validate_metric_name(name)
                     value = float(value)

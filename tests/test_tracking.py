@@ -27,7 +27,7 @@ from clip_ray.config import (Config, DataConfig, DemoDataConfig, ModelConfig, So
                              VisionConfig, to_dict)
 from clip_ray.model import build_model
 from clip_ray.plots import plot_history
-from clip_ray.tracking import NullTracker, Tracker, flatten_params, resolve_tracking_uri
+from clip_ray.tracking import NullTracker, Tracker, flatten_params, mlflow_metric_name, resolve_tracking_uri
 
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 TINY = ModelConfig(embed_dim=24, text=TextConfig(context_length=16, vocab_size=100, width=32, layers=2, head_width=16),
@@ -334,3 +334,13 @@ def test_plots_draw_losses_together_and_groups_apart(tmp_path):
         assert train.width > 2 * train.height  # two panels side by side
         assert loss.format == "PNG"
     assert plot_history({}, tmp_path / "empty") == []
+
+
+def test_recall_at_k_names_become_valid_mlflow_names():
+    from mlflow.utils.validation import _validate_metric_name
+
+    name = mlflow_metric_name("val/image_to_text_R@5")
+    assert name == "val/image_to_text_R_at_5"
+    _validate_metric_name(name)
+    with pytest.raises(Exception):
+        _validate_metric_name("val/image_to_text_R@5")
