@@ -47,3 +47,15 @@ def kuberay_schemas_dir() -> Path:
             pytest.fail(f"CLIP_RAY_REQUIRE_SHARED=1 but {reason}")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Toy models gain nothing from more threads, and on a busy 2-core machine OpenMP's spinning
+    threads make them up to 100x slower; the thread count does not change any result here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -47,14 +47,7 @@ TRAIN = TrainConfig(lr=1e-2, warmup_steps=2, steps=9, weight_decay=0.1, grad_cli
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Toy models gain nothing from more threads, and on a busy 2-core machine OpenMP's spinning
-    threads make them up to 100x slower; the thread count does not change any result here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def batch(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,14 +30,7 @@ TINY_RESNET = ModelConfig(embed_dim=8, text=TEXT,
                                               head_width=32))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Toy models gain nothing from more threads, and on a busy 2-core machine OpenMP's spinning
-    threads make them up to 100x slower; the thread count does not change any result here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def transformer_names(prefix: str) -> tuple[set[str], set[str]]:
