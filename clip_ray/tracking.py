@@ -19,18 +19,12 @@ the tracker sets MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 and
 MLFLOW_HTTP_REQUEST_TIMEOUT=5 in its process, so one attempt against a server
 that is gone costs seconds; our own retry loop replaces MLflow's.
 
-Default store: `sqlite:///<cwd>/mlflow.db`, artifacts in `<cwd>/mlruns`. It is
-MLflow 3's own default since 3.7 (the ./mlruns file store is legacy), it needs
-no server and its model registry works; `mlflow ui` started in the same
-directory shows it. The URI is made absolute, so resolve it on the driver and
-hand it to the workers, whose working directory differs.
+Beside it: clip_ray.tracking_run finds or creates the run, clip_ray.model_export
+makes the logged model, clip_ray.system_metrics reads the host's probes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -42,67 +36,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import numpy as np
 import torch
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
-from mlflow.types import Schema, TensorSpec
 from mlflow.utils.validation import _validate_metric_name
 from torch import nn
 
-from clip_ray.config import TrackingConfig, to_dict
-from clip_ray.model.clip import _unwrap, build_model
+from clip_ray.config import TrackingConfig
+from clip_ray.model_export import example_batch, log_clip_model, register_clip_model, snapshot_model
 from clip_ray.plots import plot_history
+from clip_ray.system_metrics import SystemProbes
+from clip_ray.tracking_run import flatten_params, log_new_params, resolve_tracking_uri, resume_or_create_run
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Our retry loop replaces MLflow's, which can block for minutes against a dead server.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-# MLflow's limits (mlflow.utils.validation).
-_PARAMS_PER_BATCH = 100
-_METRICS_PER_BATCH = 1000
-_MAX_PARAM_LENGTH = 6000
-# mlflow.pytorch.log_model and register_model read the process-wide tracking URI.
-_FLUENT_URI_LOCK = threading.Lock()
-
-
-def resolve_tracking_uri(config: TrackingConfig) -> str:
-    """config.tracking_uri, else $MLFLOW_TRACKING_URI, else the local SQLite store; local paths made absolute."""
-    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
-    if "://" not in uri and not uri.startswith(("databricks", "file:")):  # a bare path: MLflow's file store
-        return Path(uri).expanduser().resolve().as_uri()
-    return uri
+_METRICS_PER_BATCH = 1000  # MLflow's limit (mlflow.utils.validation)
 
 
 def mlflow_metric_name(name: str) -> str:
     """MLflow refuses '@' in metric names: recall@k is logged as R_at_k (val/image_to_text_R_at_5)."""
     return name.replace("@", "_at_")
-
-
-def flatten_params(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config dict -> {"train.lr": "0.0005", "data.train.0.path": ...}, values cut to MLflow's limit.
-
-    Lists of plain values stay one param ("[3, 4, 6, 3]"); lists of mappings are numbered.
-    """
-    if isinstance(tree, dict) and tree:
-        children = tree.items()
-    elif isinstance(tree, list) and any(isinstance(value, (dict, list)) for value in tree):
-        children = enumerate(tree)
-    else:
-        text = json.dumps(tree) if isinstance(tree, (dict, list)) else str(tree)
-        return {prefix: text[:_MAX_PARAM_LENGTH]}
-    flat: dict[str, str] = {}
-    for key, value in children:
-        flat.update(flatten_params(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 class NullTracker:
@@ -155,19 +112,6 @@ def tracker_for_rank(rank: int, config: TrackingConfig, run_config: dict,
     return Tracker(config, run_config, resume_run_id, **kwargs) if rank == 0 else NullTracker()
 
 
-class _ExportedClip(nn.Module):
-    """torch.export cannot serialise our ClipOutput namedtuple; the logged model returns a plain tuple:
-    (image_features, text_features, logit_scale[, logit_bias]), features unit-norm."""
-
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.clip(images, tokens)
-        return tuple(value for value in output if value is not None)
-
-
 class Tracker(NullTracker):
     """One MLflow run for one training job, fed from rank 0; see the module docstring.
 
@@ -205,7 +149,7 @@ class Tracker(NullTracker):
         self._last_step = 0
         self._warned: set[str] = set()
         self._staging = Path(tempfile.mkdtemp(prefix="clip-ray-tracking-"))
-        self._system_monitors = self._make_system_monitors() if config.log_system_metrics else []
+        self._system_probes = SystemProbes(config.log_system_metrics)
         self._system_interval_s = system_metrics_interval_s
 
         config_file = self._staging / "config.yaml"
@@ -249,15 +193,25 @@ class Tracker(NullTracker):
     def log_model(self, model: nn.Module, input_example: tuple[torch.Tensor, torch.Tensor],
                   tokenizer_path: str | Path | None = None, name: str = "model") -> None:
         try:
-            snapshot, example, step = _snapshot(model), _example_batch(*input_example), self._last_step
+            snapshot, example, step = snapshot_model(model), example_batch(*input_example), self._last_step
         except Exception as err:
             logger.warning("MLflow: cannot copy the model for logging (%s); it is not logged", _short(err))
             return
-        self._add_job(f"model {name}", lambda client: self._send_model(snapshot, example, name, step))
+
+        def send(client) -> None:
+            self.model_uri = log_clip_model(client, self.uri, experiment_id=self._experiment_of_run,
+                                            run_id=self.run_id, params=self.params, model=snapshot,
+                                            example=example, name=name, step=step)
+
+        def register(client) -> None:
+            if self.model_uri is not None:  # else logging the model failed, and said so
+                self.model_version = register_clip_model(self.uri, self.model_uri, self.config.register_model_as)
+
+        self._add_job(f"model {name}", send)
         if tokenizer_path is not None:
             self.log_artifact(tokenizer_path, "tokenizer")
         if self.config.register_model_as:
-            self._add_job(f"registration {self.config.register_model_as}", lambda client: self._register())
+            self._add_job(f"registration {self.config.register_model_as}", register)
 
     def log_figures(self) -> None:
         with self._lock:
@@ -305,6 +259,13 @@ class Tracker(NullTracker):
             self._warn_once("overflow", "MLflow buffer full (%d metrics): dropping the oldest", self._max_buffered)
         self._metrics.append(metric)
 
+    def _sample_system_metrics(self) -> None:
+        values = self._system_probes.read()
+        timestamp = int(time.time() * 1000)
+        with self._lock:  # at the latest training step, so they share the x-axis of the training curves
+            for name, value in values.items():
+                self._buffer(Metric(f"system/{name}", float(value), timestamp, self._last_step))
+
     def _add_job(self, what: str, fn: Callable[[Any], None]) -> None:
         with self._lock:
             self._jobs.append((what, fn))
@@ -337,7 +298,7 @@ class Tracker(NullTracker):
         failed_at = None
         while True:
             now = time.monotonic()
-            if self._system_monitors and now >= next_sample:
+            if self._system_probes and now >= next_sample:
                 self._sample_system_metrics()
                 next_sample = now + self._system_interval_s
             closing = self._closing.is_set()
@@ -383,53 +344,11 @@ class Tracker(NullTracker):
         if self._run_ready:
             return
         client = self._get_client()
-        run = None
-        if self.run_id is not None:
-            run = _get_or_none(client.get_run, self.run_id)
-            if run is None:
-                logger.warning("MLflow run %s is not in %s; starting a new run", self.run_id, self.uri)
-            elif run.info.status != "RUNNING":
-                client.update_run(self.run_id, status="RUNNING")
-        if run is None:
-            tags = {}
-            experiment_id = None
-            if self.config.parent_run_id:
-                parent = _get_or_none(client.get_run, self.config.parent_run_id)
-                if parent is None:
-                    logger.warning("MLflow parent run %s does not exist; this run has no parent",
-                                   self.config.parent_run_id)
-                else:
-                    tags["mlflow.parentRunId"] = self.config.parent_run_id
-                    experiment_id = parent.info.experiment_id
-            experiment_id = experiment_id or self._experiment_id(client)
-            run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
-            self.run_id = run.info.run_id  # a retry after a failure below resumes this run, never a second one
-        self._log_params(client, run.data.params)
+        run = resume_or_create_run(client, self.config, self.uri, self.run_id, self.run_name)
+        self.run_id = run.info.run_id  # a retry after a failure below resumes this run, never a second one
+        log_new_params(client, run, self.params)
         self._experiment_of_run = run.info.experiment_id
         self._run_ready = True
-
-    def _experiment_id(self, client) -> str:
-        experiment = client.get_experiment_by_name(self.config.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):  # keep a local store's artifacts beside its database
-            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
-        try:
-            return client.create_experiment(self.config.experiment, artifact_location=location)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job created it a moment ago
-                raise
-            return client.get_experiment_by_name(self.config.experiment).experiment_id
-
-    def _log_params(self, client, existing: dict[str, str]) -> None:
-        changed = sorted(key for key, value in self.params.items() if key in existing and existing[key] != value)
-        if changed:  # MLflow params are immutable: the run keeps its first values
-            logger.warning("MLflow run %s: resumed with changed params %s; the run keeps the old values",
-                           self.run_id, ", ".join(changed))
-        new = [Param(key, value) for key, value in self.params.items() if key not in existing]
-        for start in range(0, len(new), _PARAMS_PER_BATCH):
-            client.log_batch(self.run_id, params=new[start:start + _PARAMS_PER_BATCH])
 
     def _send_metrics(self) -> None:
         client = self._get_client()
@@ -472,126 +391,6 @@ class Tracker(NullTracker):
             self._get_client().set_terminated(self.run_id, status=self._end_status)
         except Exception as err:
             logger.warning("MLflow at %s: could not end run %s (%s)", self.uri, self.run_id, _short(err))
-
-    # ------------------------------------------------------------------ model and system metrics
-
-    def _send_model(self, model: nn.Module, example: tuple[torch.Tensor, torch.Tensor], name: str,
-                    step: int) -> None:
-        """pt2 (torch.export) rather than pickle: loading runs no pickled code and needs only torch, not
-        clip_ray; the loaded module is forward-only and returns _ExportedClip's tuple. MLflow links
-        the run's metrics at `step` to the logged model."""
-        images, tokens = example
-        signature = ModelSignature(inputs=Schema([
-            TensorSpec(np.dtype(np.float32), (-1, *images.shape[1:]), "images"),
-            TensorSpec(np.dtype(str(tokens.dtype).removeprefix("torch.")), (-1, *tokens.shape[1:]), "tokens"),
-        ]))
-        outputs = ["image_features", "text_features", "logit_scale"]
-        if model.logit_bias is not None:
-            outputs.append("logit_bias")
-        # Created here because log_model, with no active run, would file it under the Default experiment.
-        logged = self._get_client().create_logged_model(self._experiment_of_run, name=name,
-                                                        source_run_id=self.run_id, params=self.params)
-        with _FLUENT_URI_LOCK, _process_tracking_uri(self.uri):
-            info = mlflow.pytorch.log_model(
-                _ExportedClip(model).eval(), name=name, model_id=logged.model_id, run_id=self.run_id,
-                serialization_format="pt2",
-                input_example=example, signature=signature, step=step,
-                # pt2 needs torch alone; naming it skips MLflow's slow requirement inference (a subprocess).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                metadata={"outputs": outputs, "model_config": to_dict(model.config)})
-        self.model_uri = info.model_uri
-
-    def _register(self) -> None:
-        if self.model_uri is None:
-            return
-        with _FLUENT_URI_LOCK, _process_tracking_uri(self.uri):
-            version = mlflow.register_model(self.model_uri, self.config.register_model_as,
-                                            await_registration_for=0)
-        self.model_version = version.version
-
-    def _make_system_monitors(self) -> list:
-        """MLflow's own CPU/memory/disk/network (and NVIDIA GPU) probes, sampled by our thread so their
-        values survive an outage like every other metric (MLflow's monitor thread gives up at the first)."""
-        try:
-            from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-            from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-            from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-        except ImportError as err:
-            logger.warning("System metrics are off: %s (pip install psutil)", err)
-            return []
-        monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-        try:
-            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-            monitors.append(GPUMonitor())
-        except Exception as err:  # no NVIDIA GPU, or nvidia-ml-py missing
-            logger.debug("No GPU system metrics: %s", err)
-        return monitors
-
-    def _sample_system_metrics(self) -> None:
-        values: dict[str, float] = {}
-        try:
-            for monitor in self._system_monitors:
-                monitor.collect_metrics()
-                values.update(monitor.aggregate_metrics())
-                monitor.clear_metrics()
-        except Exception as err:
-            self._warn_once("system", "System metrics failed (%s); they are off", err)
-            self._system_monitors = []
-            return
-        timestamp = int(time.time() * 1000)
-        with self._lock:  # at the latest training step, so they share the x-axis of the training curves
-            for name, value in values.items():
-                self._buffer(Metric(f"system/{name}", float(value), timestamp, self._last_step))
-
-
-def _snapshot(model: nn.Module) -> nn.Module:
-    """A CPU copy of the CLIP inside any DDP/compile wrapper, so training can go on changing the original."""
-    clip = _unwrap(model)
-    weights = {name: value.detach().to("cpu", copy=True) for name, value in clip.state_dict().items()}
-    # Built on the meta device and given the copied tensors: no time spent on a random init.
-    copy = build_model(dataclasses.replace(clip.config, grad_checkpointing=False), device="meta")
-    copy.load_state_dict(weights, assign=True)
-    left_on_meta = [name for name, value in [*copy.named_parameters(), *copy.named_buffers()] if value.is_meta]
-    if left_on_meta:
-        raise RuntimeError(f"not in the state dict, so not copied: {left_on_meta}")
-    return copy.eval()
-
-
-def _example_batch(images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two rows of each: torch.export fixes any dimension of size 1, and the batch must stay dynamic."""
-
-    def two_rows(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().cpu()[:2]
-        return torch.cat([x, x]) if len(x) == 1 else x.clone()
-
-    return two_rows(images).float(), two_rows(tokens)
-
-
-@contextlib.contextmanager
-def _process_tracking_uri(uri: str):
-    """MLflow's fluent calls read a process-wide URI: set ours for the call, then put both the
-    global and $MLFLOW_TRACKING_URI back as they were (set_tracking_uri writes the variable)."""
-    global_before = mlflow_tracking_utils._tracking_uri
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(global_before)  # None unsets the variable
-        if env_before is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
-def _get_or_none(get: Callable[[str], Any], key: str) -> Any:
-    """get(key), or None when the server answers that it does not exist; other errors propagate."""
-    try:
-        return get(key)
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-
 
 def _short(err: Exception, limit: int = 300) -> str:
     text = f"{type(err).__name__}: {err}".replace("\n", " ")

@@ -6,7 +6,9 @@ Workers are threads that each drain one split iterator, as Train workers would
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import threading
 from collections import Counter
 from pathlib import Path
@@ -21,9 +23,10 @@ from clip_ray.data import pipeline
 from clip_ray.data.formats import (
     DataError, FailureCounts, ShardWriter, list_shards, load_split, read_caption_csv, read_shard,
 )
+from clip_ray.data.failure_tracker import FailureTracker, train_stream
 from clip_ray.data.pipeline import (
-    FailureTracker, build_eval_dataset, build_train_dataset, eval_batches, ingest_options, iter_worker_batches,
-    split_for_workers, train_batches, train_stream,
+    build_eval_dataset, build_train_dataset, eval_batches, ingest_options, iter_worker_batches, split_for_workers,
+    train_batches, unit_key,
 )
 from clip_ray.data.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor, normalize
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -141,6 +144,21 @@ def test_order_is_a_function_of_seed_and_epoch(flickr, epoch0):
     assert sum(a == b for a, b in zip(photos, photos[1:])) < len(photos) // 10
 
 
+def test_order_does_not_depend_on_where_the_data_lives(flickr, tmp_path):
+    """The same shards in two folders, one named by a relative path: the same plan, the same shuffles,
+    the same crops."""
+    here = shutil.copytree(flickr["shards"], tmp_path / "here" / "shards")
+    elsewhere = shutil.copytree(flickr["shards"], tmp_path / "elsewhere" / "one" / "level" / "deeper")
+    runs = []
+    for folder in (str(here), os.path.relpath(elsewhere)):
+        cfg = _config(flickr, sources=[SourceConfig(path=folder)])
+        dataset = build_train_dataset(cfg, IMAGE_SIZE, CONTEXT_LENGTH, epoch=1)
+        runs.append(list(train_batches(dataset, cfg, BATCH, epoch=1)))
+    assert len(_keys(runs[0])) == (5 * NUM_PHOTOS) // BATCH * BATCH
+    assert _keys(runs[0]) == _keys(runs[1])
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*runs))
+
+
 def test_ray_train_dataset_shards_are_the_same_split(flickr, epoch0):
     """Ray Train's get_dataset_shard splits with its DataConfig; with ingest_options it is our split."""
     import ray.train
@@ -171,12 +189,16 @@ def test_batches_have_fixed_shapes_and_the_pixels_of_the_sample(flickr, epoch0):
     high = max((1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
     assert low - 1e-5 <= batch["image"].min() < 0 < batch["image"].max() <= high + 1e-5
     # The worker's row is what the preprocessor makes of that sample in this process.
-    samples = {s.key: s for shard in list_shards(flickr["shards"]) for s in read_shard(shard)}
+    # Crops are seeded by the shard's name within its source, not by where the shards live.
+    source = SourceConfig(path=flickr["shards"])
+    samples = {s.key: (s, unit_key(source, shard)) for shard in list_shards(flickr["shards"])
+               for s in read_shard(shard)}
     tokenizer = load_tokenizer(flickr["tokenizer"])
     prepare = Preprocessor(IMAGE_SIZE, CONTEXT_LENGTH, tokenizer, train=True, crop_scale=(0.5, 1.0), seed=7, epoch=0)
-    expected = prepare.batch([samples[k] for k in batch["key"]], FailureCounts())
-    torch.testing.assert_close(batch["image"], torch.from_numpy(expected["image"]), rtol=0, atol=1e-6)
-    assert torch.equal(batch["text"], torch.from_numpy(expected["text"]))
+    expected = [prepare.batch([samples[k][0]], FailureCounts(), samples[k][1]) for k in batch["key"]]
+    expected_images = np.concatenate([e["image"] for e in expected])
+    torch.testing.assert_close(batch["image"], torch.from_numpy(expected_images), rtol=0, atol=1e-6)
+    assert torch.equal(batch["text"], torch.from_numpy(np.concatenate([e["text"] for e in expected])))
 
 
 def test_uint8_images_normalised_on_the_worker_match_float_images(flickr, epoch0):

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from clip_ray.scaling.analysis import error_kind, metric_column, to_error
-from clip_ray.scaling.fit import (
-    ComputeRelation, ParametricLoss, bootstrap_power_law, compute_optimal, extrapolation_check,
-    fit_compute_relation, fit_parametric, fit_power_law, holdout_mask, isoflop_minimum, pareto_frontier,
+from clip_ray.scaling.extrapolation import extrapolation_check, holdout_mask
+from clip_ray.scaling.fit import bootstrap_power_law, fit_power_law, isoflop_minimum, pareto_frontier
+from clip_ray.scaling.parametric import (
+    ComputeRelation, ParametricLoss, compute_optimal, fit_compute_relation, fit_parametric,
 )
 
 ALPHA, BETA = -0.15, 3.0

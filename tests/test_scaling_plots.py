@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from clip_ray.scaling import REPORT_FILE, analyze, format_summary
-from clip_ray.scaling.fit import ComputeRelation, ParametricLoss, bootstrap_power_law, compute_optimal, pareto_frontier
+from clip_ray.scaling.fit import bootstrap_power_law, pareto_frontier
+from clip_ray.scaling.parametric import ComputeRelation, ParametricLoss, compute_optimal
 from clip_ray.scaling.plots import plot_error_vs_compute, plot_isoflops, plot_learning_curves, plot_optimal_size
 
 REPO = Path(__file__).resolve().parent.parent

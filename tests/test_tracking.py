@@ -27,7 +27,8 @@ from clip_ray.config import (Config, DataConfig, DemoDataConfig, ModelConfig, So
                              VisionConfig, to_dict)
 from clip_ray.model import build_model
 from clip_ray.plots import plot_history
-from clip_ray.tracking import NullTracker, Tracker, flatten_params, mlflow_metric_name, resolve_tracking_uri
+from clip_ray.tracking import NullTracker, Tracker, mlflow_metric_name
+from clip_ray.tracking_run import flatten_params, resolve_tracking_uri
 
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 TINY = ModelConfig(embed_dim=24, text=TextConfig(context_length=16, vocab_size=100, width=32, layers=2, head_width=16),

@@ -56,9 +56,8 @@ import pyarrow.compute as pc
 import ray
 
 from clip_ray.config import SourceConfig
-from clip_ray.data.convert import (
-    ConvertOptions, Partition, plan_partitions, read_partition, run_partitions, sum_counts, write_json,
-)
+from clip_ray.data.convert import run_partitions, sum_counts
+from clip_ray.data.partitions import ConvertOptions, Partition, plan_partitions, read_partition, write_json
 from clip_ray.data.formats import DEFAULT_MAX_PIXELS, BadSample, DataError, FailureCounts, Sample, decode_image
 from clip_ray.data.storage import join, resolve
 from clip_ray.ray_utils import connect_ray

@@ -23,7 +23,9 @@ What is guaranteed, per epoch, for N usable samples, n workers, per-worker batch
   are seen, and every worker takes the same number of steps, floor(N / (n * B)).
   With several sources weighted away from their shard counts, an "epoch" is the
   plan_mixture epoch: sum(shards) unit reads mixed by weight.
-- Order: a pure function of (config, epoch, n, rank). The datasets built here run
+- Order: a pure function of (config, epoch, n, rank), and not of where the data
+  lives: units are planned and shuffled by their source's position in the config
+  and their path within the source (`unit_key`). The datasets built here run
   with `preserve_order`, under which the split assigns blocks by row counts alone
   (to the worker with the fewest rows so far) and ignores locality. Ray Train
   overwrites a dataset's execution options with its own defaults: pass
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import warnings
 from typing import Iterable, Iterator, Sequence
@@ -58,93 +61,20 @@ import ray
 import torch
 
 from clip_ray.config import DataConfig, SourceConfig
+from clip_ray.data.failure_tracker import FailureTracker, train_stream
 from clip_ray.data.folders import _samples_from_table, load_caption_csv, load_coco_captions, load_split
 from clip_ray.data.formats import (
-    DataError, FailureCounts, FailureReason, MixSource, Sample, check_failure_rate, list_shards, plan_mixture,
-    read_shard,
+    DataError, FailureCounts, FailureReason, MixSource, Sample, list_shards, plan_mixture, read_shard,
 )
 from clip_ray.data.preprocess import Preprocessor, normalize_on_device
-from clip_ray.data.storage import under
+from clip_ray.data.storage import basename, under
 from clip_ray.model.tokenizer import load_tokenizer
 
 # Photos per unit of a caption-table source (with ~5 captions each): enough rows to
 # keep a task busy for a second or so, small enough to spread over many cores.
 TABLE_IMAGES_PER_UNIT = 256
-# A periodic (mid-epoch) failure check only judges sources with at least this many items.
-MIN_ITEMS_FOR_RATE = 1000
 # The files a directory given as a shard source is searched for.
 _SHARD_EXTENSIONS = {"webdataset": (".tar",), "parquet": (".parquet",)}
-
-
-def train_stream(epoch: int) -> str:
-    """The FailureTracker key of one training epoch."""
-    return f"train/epoch-{epoch}"
-
-
-# --------------------------------------------------------------------------- failure accounting
-
-
-@ray.remote(num_cpus=0)
-class _FailureLedger:
-    """Each unit's FailureCounts by (stream, source, unit index); the last report of a unit wins."""
-
-    def __init__(self):
-        self.reports: dict[str, dict[tuple[str, int], dict]] = {}
-
-    def report(self, stream: str, source: str, unit: int, counts: dict) -> None:
-        self.reports.setdefault(stream, {})[(source, unit)] = counts
-
-    def counts(self, stream: str) -> dict[str, dict]:
-        by_source: dict[str, FailureCounts] = {}
-        for (source, _), counts in sorted(self.reports.get(stream, {}).items()):
-            by_source.setdefault(source, FailureCounts()).merge(FailureCounts.from_dict(counts))
-        return {source: counts.to_dict() for source, counts in by_source.items()}
-
-    def forget(self, stream: str) -> None:
-        self.reports.pop(stream, None)
-
-
-class FailureTracker:
-    """Where preprocessing tasks send their failure counts, and where the job reads them back.
-
-    A small actor (no CPU) rather than a column of the batches: rows dropped by the
-    split or the last partial batch would take their counts with them, and a
-    retried task would count twice. Picklable; with `name`, any process of the job
-    can also find it by name.
-    """
-
-    def __init__(self, name: str | None = None):
-        options = {"name": name, "get_if_exists": True} if name else {}
-        self.actor = _FailureLedger.options(**options).remote()
-
-    def report(self, stream: str, source: str, unit: int, counts: FailureCounts) -> None:
-        """Blocks until recorded, so a task's counts are in before its last rows are visible."""
-        ray.get(self.actor.report.remote(stream, source, unit, counts.to_dict()))
-
-    def counts(self, stream: str) -> dict[str, FailureCounts]:
-        """Per source, end to end (reading + decoding): ok = rows emitted; failed by reason."""
-        return {s: FailureCounts.from_dict(c) for s, c in ray.get(self.actor.counts.remote(stream)).items()}
-
-    def total(self, stream: str) -> FailureCounts:
-        return sum(self.counts(stream).values(), FailureCounts())
-
-    def check(self, stream: str, max_fraction: float, final: bool = True) -> dict[str, FailureCounts]:
-        """Raises DataError naming the first source that failed too often or, when `final`, gave nothing.
-
-        `final` is for the end of a fully read epoch. Mid-epoch (final=False) a
-        source is judged only once it has MIN_ITEMS_FOR_RATE items, so a few bad
-        samples early on do not stop a run.
-        """
-        counts = self.counts(stream)
-        if final and not counts:
-            raise DataError(f"{stream}: no data source reported any item; was the epoch read?")
-        for source, source_counts in counts.items():
-            if final or source_counts.total >= MIN_ITEMS_FOR_RATE:
-                check_failure_rate(source_counts, max_fraction, source)
-        return counts
-
-    def forget(self, stream: str) -> None:
-        self.actor.forget.remote(stream)
 
 
 # --------------------------------------------------------------------------- sources -> units
@@ -184,6 +114,20 @@ def source_units(source: SourceConfig, name: str) -> list[tuple[str, str]]:
     if source.format in ("csv", "coco"):
         return _table_units(source, name)
     return [(path, "") for path in list_shards(source.path, _SHARD_EXTENSIONS[source.format])]
+
+
+def unit_key(source: SourceConfig, unit: str) -> str:
+    """The unit's name within its source (a shard's path below the source's folder, a table slice's
+    "images<start>"): what seeds its shuffle, so the order is the same wherever the data lives."""
+    if source.format in ("csv", "coco"):
+        return unit.rpartition("#")[2]
+    pattern = source.path
+    wildcard = min((i for i, char in enumerate(pattern) if char in "*?[{"), default=None)
+    root = pattern if wildcard is None else pattern[:wildcard].rpartition("/")[0]
+    if "://" not in unit:  # local: listings come back absolute, the config's path may be relative
+        root, unit = os.path.abspath(root), os.path.abspath(unit)
+    root = root.rstrip("/") + "/"
+    return unit[len(root):] if unit.startswith(root) else basename(unit)
 
 
 def _read_unit(source: SourceConfig, unit: str, piece: str, counts: FailureCounts) -> Iterator[Sample]:
@@ -250,12 +194,13 @@ def _preprocess_units(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray task body: planned units in, preprocessed batches out (see the module docstring)."""
     prepare = Preprocessor(tokenize=_shared_tokenizer(tokenizer), seed=seed, epoch=epoch, **preprocessor)
-    for index, source, unit, piece in zip(rows["index"], rows["source"], rows["unit"], rows["piece"]):
+    for index, source, unit, key, piece in zip(rows["index"], rows["source"], rows["unit"], rows["key"],
+                                               rows["piece"]):
         read_counts, decode_counts = FailureCounts(), FailureCounts()
-        rng = random.Random(f"{seed}/{epoch}/{index}/{unit}")
+        rng = random.Random(f"{seed}/{epoch}/{index}/{key}")
         samples = _shuffled(_read_unit(sources[source], unit, piece, read_counts), shuffle_buffer, rng)
         for chunk, is_last in _chunks(samples, chunk_size):
-            batch = prepare.batch(chunk, decode_counts)
+            batch = prepare.batch(chunk, decode_counts, str(key))
             if is_last and tracker is not None:  # recorded before the unit's last rows can reach a worker
                 tracker.report(stream, str(source), int(index), read_counts.followed_by(decode_counts))
             if batch is not None:
@@ -301,12 +246,17 @@ def build_train_dataset(
     names = _source_names(data_cfg.train)
     sources = dict(zip(names, data_cfg.train))
     pieces, mix = {}, []
-    for name, source in sources.items():
+    for position, (name, source) in enumerate(sources.items()):
         units = source_units(source, name)
         pieces.update(units)
-        mix.append(MixSource(name, [unit for unit, _ in units], source.weight))
+        # Planned under its position, not its path (the name), so the plan does not depend on where data lives.
+        mix.append(MixSource(str(position), [unit for unit, _ in units], source.weight))
     plan = plan_mixture(mix, seed=data_cfg.seed, epoch=epoch)
-    units = [{"index": i, "source": p.source, "unit": p.path, "piece": pieces[p.path]} for i, p in enumerate(plan)]
+    units = []
+    for i, planned in enumerate(plan):
+        name = names[int(planned.source)]
+        units.append({"index": i, "source": name, "unit": planned.path, "key": unit_key(sources[name], planned.path),
+                      "piece": pieces[planned.path]})
     return _build(units, sources, data_cfg, image_size, context_length, True, epoch, tracker,
                   stream or train_stream(epoch))
 
@@ -322,7 +272,8 @@ def build_eval_dataset(
     units = []
     for name, source in sources.items():
         for unit, piece in source_units(source, name):
-            units.append({"index": len(units), "source": name, "unit": unit, "piece": piece})
+            units.append({"index": len(units), "source": name, "unit": unit, "key": unit_key(source, unit),
+                          "piece": piece})
     return _build(units, sources, data_cfg, image_size, context_length, False, 0, tracker, stream)
 
 

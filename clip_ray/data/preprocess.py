@@ -127,11 +127,15 @@ class Preprocessor:
     def __post_init__(self) -> None:
         self.draft_size = draft_size_for(self.image_size, self.train, self.crop_scale)
 
-    def image(self, sample: Sample) -> np.ndarray:
-        """HWC uint8 [image_size, image_size, 3]; raises BadSample for an undecodable image."""
+    def image(self, sample: Sample, unit: str | None = None) -> np.ndarray:
+        """HWC uint8 [image_size, image_size, 3]; raises BadSample for an undecodable image.
+
+        The crop is seeded by (seed, epoch, unit, key); `unit` names the sample's shard within its
+        source (the pipeline passes it, so crops do not depend on where the data lives), else its
+        source path."""
         image = decode_image(sample.image, self.max_pixels, self.draft_size)
         if self.train:
-            rng = sample_rng(self.seed, self.epoch, sample.source, sample.key)
+            rng = sample_rng(self.seed, self.epoch, sample.source if unit is None else unit, sample.key)
             box = random_resized_crop_box(image.width, image.height, self.crop_scale, rng)
         else:
             box = center_square_box(image.width, image.height)
@@ -142,13 +146,14 @@ class Preprocessor:
         tokens = self.tokenize(list(captions), context_length=self.context_length)
         return np.asarray(tokens, dtype=np.int64)
 
-    def batch(self, samples: Sequence[Sample], counts: FailureCounts) -> dict[str, np.ndarray] | None:
+    def batch(self, samples: Sequence[Sample], counts: FailureCounts,
+              unit: str | None = None) -> dict[str, np.ndarray] | None:
         """The usable samples as one batch (None if none decodes); `counts` gets this stage's tally."""
         pixels = np.empty((len(samples), 3, self.image_size, self.image_size), dtype=np.uint8)
         kept: list[Sample] = []
         for sample in samples:
             try:
-                image = self.image(sample)
+                image = self.image(sample, unit)
             except BadSample as bad:
                 counts.reject(bad.reason, sample.source, sample.key, bad.detail)
                 continue

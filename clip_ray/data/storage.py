@@ -175,7 +175,30 @@ def temporary_name(path: str) -> str:
     return path + ".tmp"
 
 
-class AtomicFile:
+class ClosesOrAborts:
+    """The with-statement of a writer with close() and abort(): a block that raises leaves no half output.
+
+    close() on success; abort() when the block raised, so the exception propagates
+    and what was being written is dropped rather than committed.
+    """
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class AtomicFile(ClosesOrAborts):
     """An output stream whose bytes appear at `path` only on `commit()`.
 
     They go to `path + '.tmp'` first and are moved into place at the end, so
@@ -202,12 +225,5 @@ class AtomicFile:
             except OSError:
                 pass
 
-    def __enter__(self) -> "AtomicFile":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-
+    # The with-statement's names for them (ClosesOrAborts).
+    close, abort = commit, discard

@@ -20,7 +20,7 @@ from clip_ray.data.samples import (
     BadSample, FailureCounts, FailureReason, Sample, clean_caption, decode_caption, guess_image_ext, make_key,
     parse_meta,
 )
-from clip_ray.data.storage import AtomicFile, basename, resolve
+from clip_ray.data.storage import AtomicFile, ClosesOrAborts, basename, resolve
 
 PARQUET_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -31,7 +31,7 @@ PARQUET_SCHEMA = pa.schema([
 ])
 
 
-class ParquetWriter:
+class ParquetWriter(ClosesOrAborts):
     """Writes samples to one Parquet file in row groups of `rows_per_group`.
 
     The file is written as `path + '.tmp'` and renamed on close, so an
@@ -77,15 +77,6 @@ class ParquetWriter:
             self._writer.close()
         finally:
             self._file.discard()
-
-    def __enter__(self) -> "ParquetWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _image_bytes(value) -> bytes | None:

@@ -18,14 +18,14 @@ import pyarrow.fs as pafs
 from clip_ray.data.samples import (
     IMAGE_EXTENSIONS, BadSample, FailureCounts, FailureReason, Sample, decode_caption, parse_meta,
 )
-from clip_ray.data.storage import AtomicFile, join, resolve
+from clip_ray.data.storage import AtomicFile, ClosesOrAborts, join, resolve
 
 # Fixed member metadata: writing the same samples twice gives byte-identical shards.
 _MEMBER_MTIME = 0
 _MEMBER_MODE = 0o644
 
 
-class ShardWriter:
+class ShardWriter(ClosesOrAborts):
     """Writes samples into numbered tar shards `{prefix}{index:05d}.tar` under `out_dir`.
 
     Each shard is written to `NAME.tar.tmp` and renamed when it is full (or on
@@ -107,15 +107,6 @@ class ShardWriter:
         finally:
             self._file.discard()
             self._tar = self._file = None
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _split_member_name(name: str) -> tuple[str, str]:

@@ -95,7 +95,7 @@ def load_mlflow_model(uri: str, tracking_uri: str, tokenizer_path: str) -> Forwa
     import mlflow
     import mlflow.pytorch
 
-    from clip_ray.tracking import _process_tracking_uri
+    from clip_ray.model_export import process_tracking_uri as _process_tracking_uri
 
     with _process_tracking_uri(tracking_uri):
         metadata = mlflow.models.get_model_info(uri).metadata or {}

@@ -90,6 +90,12 @@ class Transformer(nn.Module):
         # Recomputing each block in the backward pass trades ~30% more compute for activation memory.
         self.grad_checkpointing = False
 
+    @classmethod
+    def for_tower(cls, config, activation: str, causal: bool) -> "Transformer":
+        """The trunk a tower's config describes; configs give head_width, so width sets the head count."""
+        return cls(config.width, config.layers, config.width // config.head_width, config.mlp_ratio, activation,
+                   causal=causal)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -113,3 +119,9 @@ class Transformer(nn.Module):
             for bias in (block.attn.in_proj_bias, block.attn.out_proj.bias, block.mlp.c_fc.bias,
                          block.mlp.c_proj.bias):
                 nn.init.zeros_(bias)
+
+
+def embedding_head(width: int, embed_dim: int) -> tuple[nn.LayerNorm, nn.Parameter]:
+    """A tower's exit into the shared embedding space: a last LayerNorm, then a bias-free projection
+    (left uninitialised: each tower scales it its own way, as OpenAI's do)."""
+    return nn.LayerNorm(width), nn.Parameter(torch.empty(width, embed_dim))

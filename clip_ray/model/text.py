@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clip_ray.config import TextConfig
-from clip_ray.model.layers import Transformer
+from clip_ray.model.layers import Transformer, embedding_head
 
 
 def end_of_text_positions(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -33,10 +33,8 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, width))
         # The causal mask comes from SDPA's is_causal, so no mask buffer enters the state dict.
-        self.transformer = Transformer(width, config.layers, width // config.head_width, config.mlp_ratio,
-                                       activation, causal=True)
-        self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.transformer = Transformer.for_tower(config, activation, causal=True)
+        self.ln_final, self.text_projection = embedding_head(width, embed_dim)
         self.init_text_parameters()
 
     @torch.no_grad()

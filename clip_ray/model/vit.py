@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from clip_ray.config import VisionConfig
-from clip_ray.model.layers import Transformer
+from clip_ray.model.layers import Transformer, embedding_head
 
 
 class VisionTransformer(nn.Module):
@@ -25,10 +25,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, config.layers, width // config.head_width, config.mlp_ratio,
-                                       activation, causal=False)
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.empty(width, embed_dim))
+        self.transformer = Transformer.for_tower(config, activation, causal=False)
+        self.ln_post, self.proj = embedding_head(width, embed_dim)
         self.init_parameters()
 
     @torch.no_grad()

@@ -24,10 +24,9 @@ import numpy as np
 import pandas as pd
 
 from clip_ray.scaling import plots
-from clip_ray.scaling.fit import (
-    ComputeRelation, bootstrap_power_law, compute_optimal, extrapolation_check, fit_compute_relation,
-    fit_parametric, fit_power_law, isoflop_minimum, pareto_frontier,
-)
+from clip_ray.scaling.extrapolation import extrapolation_check
+from clip_ray.scaling.fit import bootstrap_power_law, fit_power_law, isoflop_minimum, pareto_frontier
+from clip_ray.scaling.parametric import ComputeRelation, compute_optimal, fit_compute_relation, fit_parametric
 
 REPORT_FILE = "scaling_fit.json"
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clip_ray.config import Config, ConfigError, SourceConfig, to_dict
-from clip_ray.tracking import resolve_tracking_uri
+from clip_ray.tracking_run import resolve_tracking_uri
 
 log = logging.getLogger("clip_ray.inputs")
 
