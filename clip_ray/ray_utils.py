@@ -34,6 +34,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("connecting to the Ray cluster at %s", address)
+        init_kwargs.pop("include_dashboard", None)  # the cluster's own head decides that
         ray.init(address=address, **init_kwargs)
     else:
         log.info("starting a local Ray cluster (num_cpus=%s)", num_cpus)

@@ -1,4 +1,4 @@
-"""The TorchTrainer around the loop, on a real local Ray cluster with real demo shards.
+"""The TorchTrainer around the loop: `python jobs/train.py` on its own local Ray cluster, real demo shards.
 
 - A worker killed mid-run is restarted by Ray Train from the latest checkpoint, and
   the run ends at the same step with the very losses of an uninterrupted run.
@@ -12,39 +12,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-import ray
-import torch
+import yaml
 
-from clip_ray.config import Config, from_dict, load_config
-from clip_ray.train.context import WorkerContext
+from clip_ray.config import Config, from_dict, load_config, to_dict
 from clip_ray.train.demo import prepare_demo
 from clip_ray.train.inputs import prepare_config
-from clip_ray.train.loop import run_training
-from clip_ray.train.trainer import RunDirectory, build_trainer, train
+from clip_ray.train.trainer import RAY_SNAPSHOT_FILE, RunDirectory, build_trainer
 from train_job_helpers import REPO_ROOT, free_port, tiny_config, tiny_demo_config
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    with pytest.MonkeyPatch.context() as env:
-        # A loopback test cluster: no token (ray.init would otherwise turn token auth on for
-        # this process and every later one it starts).
-        env.setenv("RAY_AUTH_MODE", "disabled")
-        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        # Ray Train's controller takes one report every poll (2 s by default); these runs report every step.
-        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        ray.init(address="local", num_cpus=3, include_dashboard=False)
-        yield
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -68,24 +53,37 @@ def checkpoint_steps(directory: Path) -> list[int]:
                   for p in directory.glob("checkpoint_*") if p.is_dir())
 
 
-@pytest.fixture(scope="module")
-def reference_losses(ray_cluster, workspace) -> dict[int, float]:
-    """train/loss per step of the uninterrupted run, in-process with the one torch thread a
-    Ray worker with one CPU gets, so the arithmetic is the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        context = WorkerContext(checkpoint_root=workspace["root"] / "reference", keep_checkpoints=1)
-        run_training(job_config(workspace, "reference"), context)
-    finally:
-        torch.set_num_threads(threads)
-    return {int(m["step"]): m["train/loss"] for m in context.reported}
+def start_job(workspace, config: Config, log_name: str) -> tuple[subprocess.Popen, Path]:
+    """`python jobs/train.py --config` in a process of its own with its own local Ray, as a user runs it.
+
+    (A TorchTrainer fitted from this pytest process, after other modules' Ray sessions in it,
+    had its controller actor cancelled before it ran; a job is a process of its own anyway.)
+    """
+    config_file = workspace["root"] / f"{log_name}.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    log = workspace["root"] / f"{log_name}.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # Ray Train's controller takes one report every poll (2 s by default); these runs report every step.
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
+    with log.open("w") as out:
+        job = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", str(config_file),
+                                "--num-cpus", "3"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workspace["root"])
+    return job, log
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray Train workers of this test's cluster: Ray started it from this process, so they descend from it."""
+def run_job(workspace, config: Config, log_name: str) -> str:
+    job, log = start_job(workspace, config, log_name)
+    job.wait(timeout=400)
+    output = log.read_text()
+    assert job.returncode == 0, output[-5000:]
+    return output
+
+
+def _train_worker_pids(job: subprocess.Popen) -> list[int]:
+    """Ray Train workers of the job's local cluster: they descend from the job's process."""
     pids = []
-    for process in psutil.Process().children(recursive=True):
+    for process in psutil.Process(job.pid).children(recursive=True):
         try:
             if "RayTrainWorker" in " ".join(process.cmdline()):
                 pids.append(process.pid)
@@ -94,9 +92,10 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def _wait_for_checkpoint(run: RunDirectory, step: int, timeout_s: float) -> int:
+def _wait_for_checkpoint(run: RunDirectory, step: int, timeout_s: float, job: subprocess.Popen, log: Path) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        assert job.poll() is None, f"the run ended before a checkpoint at step {step}:\n{log.read_text()[-5000:]}"
         try:
             latest = run.latest_checkpoint()
         except ValueError:  # the snapshot is being rewritten
@@ -104,55 +103,67 @@ def _wait_for_checkpoint(run: RunDirectory, step: int, timeout_s: float) -> int:
         if latest and latest.get("step", 0) >= step:
             return int(latest["step"])
         time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint at step >= {step} in {run.path} within {timeout_s} s")
+    raise TimeoutError(f"no checkpoint at step >= {step} in {run.path} within {timeout_s} s:\n"
+                       f"{log.read_text()[-5000:]}")
+
+
+def reported_losses(run: RunDirectory) -> dict[int, float]:
+    """train/loss of every checkpoint report Ray Train kept for the run (its checkpoint manager's snapshot)."""
+    snapshot = json.loads((Path(run.path) / RAY_SNAPSHOT_FILE).read_text())
+    return {int(r["metrics"]["step"]): r["metrics"]["train/loss"] for r in snapshot["checkpoint_results"]}
 
 
 @pytest.fixture(scope="module")
-def killed_run(ray_cluster, workspace) -> dict:
+def reference_losses(workspace) -> dict[int, float]:
+    """train/loss per step of the same job run without interruption."""
+    run_job(workspace, job_config(workspace, "reference"), "reference")
+    return reported_losses(RunDirectory(str(workspace["storage"]), "reference"))
+
+
+@pytest.fixture(scope="module")
+def killed_run(workspace) -> dict:
     """A run whose only worker is SIGKILLed after its checkpoint at step 3 or later."""
     config = job_config(workspace, "killed", cluster={"max_failures": 1})
-    outcome: dict = {}
-
-    def run_job():
-        try:
-            outcome["outcome"] = train(config)
-        except BaseException as err:  # handed to the test thread
-            outcome["error"] = err
-
-    job = threading.Thread(target=run_job)
-    job.start()
-    outcome["killed_after"] = _wait_for_checkpoint(RunDirectory(str(workspace["storage"]), "killed"), 3, 180)
-    outcome["victims"] = _train_worker_pids()
-    for pid in outcome["victims"]:
-        os.kill(pid, signal.SIGKILL)
-    job.join(timeout=300)
-    assert not job.is_alive() and "error" not in outcome, outcome.get("error")
-    return outcome
+    run = RunDirectory(str(workspace["storage"]), "killed")
+    job, log = start_job(workspace, config, "killed")
+    try:
+        killed_after = _wait_for_checkpoint(run, 3, 300, job, log)
+        victims = _train_worker_pids(job)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        job.wait(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = log.read_text()
+    assert job.returncode == 0, output[-5000:]
+    return {"killed_after": killed_after, "victims": victims, "output": output, "losses": reported_losses(run)}
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_a_killed_worker_restarts_from_its_checkpoint_with_the_same_losses(killed_run, reference_losses):
-    outcome, killed_after = killed_run["outcome"], killed_run["killed_after"]
+    killed_after = killed_run["killed_after"]
     assert len(killed_run["victims"]) == 1, killed_run["victims"]
     assert killed_after < STEPS, "the worker finished before it could be killed"
-    assert outcome.result.error is None and outcome.summary["step"] == STEPS, "restarted and finished"
+    assert re.search(rf"Run \S+/killed: {STEPS} steps", killed_run["output"]), "restarted and finished"
 
     # Every report reached Ray Train once or, for a step redone after the restart, twice.
-    losses = {int(m["step"]): m["train/loss"] for _, m in outcome.result.best_checkpoints}
+    losses = killed_run["losses"]
     assert sorted(losses) == list(range(1, STEPS + 1)) == sorted(reference_losses)
     # fp32 on CPU, the same data order, the RNG restored: the same numbers, not merely close ones.
     for step in range(killed_after + 1, STEPS + 1):
         assert losses[step] == pytest.approx(reference_losses[step], rel=0, abs=1e-6), step
 
 
-@pytest.mark.timeout(400)
-def test_rerunning_a_run_resumes_it_and_fresh_start_moves_it_aside(killed_run, workspace, caplog, capfd):
-    caplog.set_level("INFO", logger="clip_ray")
+@pytest.mark.timeout(600)
+def test_rerunning_a_run_resumes_it_and_fresh_start_moves_it_aside(killed_run, workspace):
     # The same name, more steps, fewer checkpoints kept: it continues where it ended.
-    longer = train(job_config(workspace, "killed", steps=STEPS + 2, train={"keep_checkpoints": 2}))
-    assert longer.resumed_from_step == STEPS and longer.summary["step"] == STEPS + 2
-    assert f"resuming run killed from step {STEPS} of {STEPS + 2}" in caplog.text
-    kept = checkpoint_steps(Path(longer.run_path))
+    output = run_job(workspace, job_config(workspace, "killed", steps=STEPS + 2, train={"keep_checkpoints": 2}),
+                     "longer")
+    assert f"resuming run killed from step {STEPS} of {STEPS + 2}" in output
+    assert re.search(rf"Run (\S+)/killed: {STEPS + 2} steps, \d+ samples \(resumed at step {STEPS}\)", output)
+    run_path = Path(workspace["storage"]) / "killed"
+    kept = checkpoint_steps(run_path)
     # Ray keeps the latest train.keep_checkpoints of the checkpoints it registered. Checkpoints that
     # were uploaded but not yet registered when the worker was killed are not pruned either.
     assert kept[-2:] == [STEPS + 1, STEPS + 2]
@@ -160,16 +171,16 @@ def test_rerunning_a_run_resumes_it_and_fresh_start_moves_it_aside(killed_run, w
 
     # Starting over, with MLflow unreachable from start to end: the old run is moved, the new one completes.
     dead_mlflow = f"http://127.0.0.1:{free_port()}"
-    fresh = train(job_config(workspace, "killed", steps=1, cluster={"fresh_start": True},
-                             tracking={"tracking_uri": dead_mlflow}))
-    assert fresh.resumed_from_step is None and fresh.summary["step"] == 1
-    assert Path(fresh.moved_aside_to).name.startswith("killed.moved-")
-    assert checkpoint_steps(Path(fresh.moved_aside_to)) == kept, "the old run was moved, not deleted"
-    assert checkpoint_steps(Path(fresh.run_path)) == [1]
-    assert "fresh start: moved the previous run killed aside" in caplog.text
+    output = run_job(workspace, job_config(workspace, "killed", steps=1, cluster={"fresh_start": True},
+                                           tracking={"tracking_uri": dead_mlflow}), "fresh")
+    moved = re.search(r"fresh start: moved the previous run killed aside to (\S+)", output)
+    assert moved and Path(moved.group(1)).name.startswith("killed.moved-"), output[-3000:]
+    assert checkpoint_steps(Path(moved.group(1))) == kept, "the old run was moved, not deleted"
+    assert checkpoint_steps(run_path) == [1]
+    assert "starting fresh run killed" in output and "resuming run" not in output
     # The job said MLflow was away (Ray forwards the worker's log) and finished regardless.
-    assert f"MLflow at {dead_mlflow} is not reachable" in capfd.readouterr().out
-    assert fresh.mlflow_run_id is None
+    assert f"MLflow at {dead_mlflow} is not reachable" in output
+    assert "MLflow run: none" in output
 
 
 @pytest.mark.parametrize("name", ["vit-b32-cluster.yaml", "rn50-cluster.yaml"])

@@ -32,7 +32,7 @@ def tiny_config(storage: Path, run_name: str, steps: int, tracking_uri: str, **s
                   "log_every": 1, "eval_every": 0, "checkpoint_every": 1, "keep_checkpoints": 50},
         "eval": {"batch_size": 32, "zeroshot_templates": "demo"},
         "tracking": {"tracking_uri": tracking_uri, "experiment": "tests", "log_system_metrics": False,
-                     "retry_interval_s": 1.0},
+                     "retry_interval_s": 1.0, "close_timeout_s": 5.0},
         "cluster": {"num_workers": 1, "cpus_per_worker": 1, "storage_path": str(storage), "run_name": run_name},
     }
     for section, values in sections.items():

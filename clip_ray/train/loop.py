@@ -1,7 +1,8 @@
 """The per-worker training function: a plain function of the config.
 
-Ray Train runs `train_worker` on every worker; a test can call `run_training`
-in-process with a `WorkerContext` (world size 1). One pass of the loop is:
+Ray Train runs it on every worker through trainer.py's `_train_worker`; a test
+can call `run_training` in-process with a `WorkerContext` (world size 1). One
+pass of the loop is:
 
     epoch e: rank 0 builds the epoch's Ray Data stream (shard order seeded by
              (seed, e)), splits it and hands each rank its iterator
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from clip_ray.config import Config, ConfigError, from_dict, to_dict
+from clip_ray.config import Config, ConfigError, to_dict
 from clip_ray.data.formats import DataError, FailureCounts
 from clip_ray.eval.evaluate import Evaluator
 from clip_ray.loss import build_loss
@@ -34,19 +35,13 @@ from clip_ray.model import build_model
 from clip_ray.model.tokenizer import load_tokenizer
 from clip_ray.tracking import tracker_for_rank
 from clip_ray.train.checkpoint import (
-    capture_rng_state, gather_rng_states, load_training_state, restore_training_state, save_training_state,
+    gather_rng_states, load_training_state, restore_training_state, save_training_state,
 )
-from clip_ray.train.context import RayTrainContext, WorkerContext
+from clip_ray.train.context import WorkerContext
 from clip_ray.train.optim import build_optimizer, lr_at, make_grad_scaler, set_lr
 from clip_ray.train.step import TrainStep
 
 log = logging.getLogger("clip_ray.train")
-
-
-def train_worker(loop_config: dict) -> None:
-    """What TorchTrainer runs on each worker: the config travels as a plain dict."""
-    config = from_dict(Config, loop_config["config"])
-    run_training(config, RayTrainContext())
 
 
 def _distributed() -> bool:
@@ -63,7 +58,7 @@ class EpochData:
     """Each rank's batches of one epoch; rank 0 builds and splits the stream, then shares the pieces."""
 
     def __init__(self, config: Config, context: WorkerContext):
-        from clip_ray.data.pipeline import FailureTracker
+        from clip_ray.data.failure_tracker import FailureTracker
 
         self.config = config
         self.context = context
@@ -71,7 +66,8 @@ class EpochData:
         self.failures = FailureTracker() if context.rank == 0 else None
 
     def batches(self, epoch: int, skip_batches: int):
-        from clip_ray.data.pipeline import build_train_dataset, split_for_workers, train_batches, train_stream
+        from clip_ray.data.failure_tracker import train_stream
+        from clip_ray.data.pipeline import build_train_dataset, split_for_workers, train_batches
 
         cfg, rank, world = self.config, self.context.rank, self.context.world_size
         pieces: list = [None] * world
@@ -86,7 +82,7 @@ class EpochData:
 
     def failure_counts(self, epoch: int, final: bool) -> dict[str, FailureCounts]:
         """Rank 0 only: counts per source; raises DataError when a source fails too often."""
-        from clip_ray.data.pipeline import train_stream
+        from clip_ray.data.failure_tracker import train_stream
 
         if self.failures is None:
             return {}
@@ -110,7 +106,9 @@ def run_training(config: Config, context: WorkerContext) -> dict:
     optimizer = build_optimizer(model, cfg.train, cfg.model)
     scaler = make_grad_scaler(cfg.train.precision, device.type)
 
-    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "nonfinite_steps": 0}
+    # unique_samples: pairs of the first epoch seen so far (after it, the epoch's size).
+    position = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "unique_samples": 0,
+                "nonfinite_steps": 0}
     mlflow_run_id = None
     resume_dir = context.latest_checkpoint()
     if resume_dir is not None:
@@ -136,6 +134,8 @@ def run_training(config: Config, context: WorkerContext) -> dict:
     data = EpochData(cfg, context)
     history: dict[str, dict] = {}
 
+    has_eval_data = bool(cfg.data.val or cfg.data.zeroshot_dir)  # the same on every rank
+
     def evaluate(tag: str) -> dict:
         metrics = evaluator(model) if evaluator is not None else {}
         if metrics:
@@ -144,6 +144,9 @@ def run_training(config: Config, context: WorkerContext) -> dict:
                      ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         if _distributed():
             dist.barrier()
+        if has_eval_data and tag.startswith("step-"):
+            # Mid-run evaluations reach Ray too (no checkpoint): a sweep's scheduler ranks trials by them.
+            context.report({**metrics, **position})
         history[tag] = metrics
         return metrics
 
@@ -173,6 +176,8 @@ def run_training(config: Config, context: WorkerContext) -> dict:
                 consumed_this_epoch += 1
                 position["batches_in_epoch"] += 1
                 position["samples_seen"] += per_step
+                if position["epoch"] == 0:
+                    position["unique_samples"] += per_step
                 position["nonfinite_steps"] = step_fn.total_nonfinite
                 if result.skipped:
                     log.warning("non-finite loss at step %d: step skipped (%d in a row)",
@@ -218,12 +223,13 @@ def run_training(config: Config, context: WorkerContext) -> dict:
         if rank == 0:
             size = cfg.model.vision.image_size
             example = (torch.randn(2, 3, size, size), tokenizer(["a photo", "a drawing"]))
-            tracker.log_model(model, example, tokenizer_path=cfg.data.tokenizer)
+            if cfg.tracking.log_model:
+                tracker.log_model(model, example, tokenizer_path=cfg.data.tokenizer)
             tracker.log_figures()
             log.info("finished %d steps in %s", position["step"], _duration(time.perf_counter() - started))
-        tracker.close("FINISHED")
+        tracker.close("FINISHED", timeout_s=cfg.tracking.close_timeout_s)
     except BaseException:
-        tracker.close("FAILED", timeout_s=10)
+        tracker.close("FAILED", timeout_s=min(10.0, cfg.tracking.close_timeout_s))
         raise
     return {"before": history.get("before", {}), "final": history.get("final", {}), **position,
             "mlflow_run_id": tracker.run_id}

@@ -112,10 +112,11 @@ def _train_worker(loop_config: dict) -> dict:
     return run_training(config, RayTrainContext())
 
 
-def build_trainer(config: Config) -> "ray.train.torch.TorchTrainer":  # noqa: F821
+def build_trainer(config: Config, callbacks: list | None = None) -> "ray.train.torch.TorchTrainer":  # noqa: F821
     """The TorchTrainer of this config: N workers with their CPUs (fractions allowed) and GPUs,
     checkpoints under storage_path/run_name (the latest train.keep_checkpoints kept), restarts
-    from the latest checkpoint up to cluster.max_failures times."""
+    from the latest checkpoint up to cluster.max_failures times. `callbacks`: Ray Train
+    UserCallbacks (a sweep passes one that forwards evaluations to Ray Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -134,7 +135,8 @@ def build_trainer(config: Config) -> "ray.train.torch.TorchTrainer":  # noqa: F8
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cluster.run_name, storage_path=cluster.storage_path,
                              checkpoint_config=checkpoints,
-                             failure_config=FailureConfig(max_failures=cluster.max_failures)),
+                             failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             callbacks=callbacks),
     )
 
 
@@ -177,7 +179,7 @@ def mlflow_ui_hint(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
-def train(config: Config) -> TrainOutcome:
+def train(config: Config, callbacks: list | None = None) -> TrainOutcome:
     """Runs (or resumes) one training job on the connected Ray cluster; raises on failure
     (ConfigError before any worker starts, ray.train.TrainingFailedError after)."""
     config = prepare_config(config)
@@ -202,7 +204,7 @@ def train(config: Config) -> TrainOutcome:
     log.info("%d worker(s) x %s; MLflow at %s", cluster.num_workers,
              f"{cluster.cpus_per_worker:g} CPU" + (f" + {cluster.gpus_per_worker:g} GPU" if cluster.use_gpu else ""),
              config.tracking.tracking_uri)
-    result = build_trainer(config).fit()
+    result = build_trainer(config, callbacks).fit()
     return TrainOutcome(result=result, run_path=run.path, tracking_uri=config.tracking.tracking_uri,
                         resumed_from_step=resumed_from, moved_aside_to=moved_to,
                         summary=result.return_value or {})
