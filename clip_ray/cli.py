@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(groups)
     add_train_commands(groups)
     add_eval_commands(groups)
+    add_sweep_commands(groups)
     return parser
 
 
@@ -283,6 +284,47 @@ def run_eval(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
     return 0
+
+
+def add_sweep_commands(groups: argparse._SubParsersAction) -> None:
+    sweep = groups.add_parser("sweep", help="a scaling sweep: Ray Tune over training jobs, then the fits",
+                              description="Trains the base job of a sweep file at every width x data scale "
+                                          "(x learning rate) with Ray Tune, then fits scaling laws. Running "
+                                          "the same sweep name again resumes it.")
+    sweep.add_argument("--config", required=True, help="sweep YAML (e.g. configs/sweep-demo-cpu.yaml)")
+    sweep.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                       help="sweep.KEY=VALUE for the sweep section, any other key for the base job")
+    sweep.add_argument("--demo-data-dir", default="demo-data", help="demo data of a base job with a demo section")
+    add_ray_arguments(sweep)
+    sweep.set_defaults(run=run_sweep)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from clip_ray.config import ConfigError, load_sweep_config
+    from clip_ray.ray_utils import ray_session
+    from clip_ray.sweep import run_sweep as run
+
+    started = time.perf_counter()
+    try:
+        file = load_sweep_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"clip-ray sweep: {err}", file=sys.stderr)
+        return 2
+    # ASHA stops trials early; Ray frees a stopped trial's workers reliably only with its dashboard up.
+    with ray_session(args.ray_address, args.num_cpus, include_dashboard=file.sweep.scheduler == "asha"):
+        try:
+            outcome = run(file, args.demo_data_dir)
+        except ConfigError as err:
+            print(f"clip-ray sweep: {err}", file=sys.stderr)
+            return 2
+    columns = [c for c in ("trial_id", "params", "samples_seen", "compute", "val_loss", "zeroshot_top1",
+                           "wall_time_s", "status") if c in outcome.results]
+    print(outcome.results[columns].to_string(index=False) if len(outcome.results) else "no trial finished")
+    print(f"Sweep directory: {outcome.sweep_dir} (results.csv, curves.csv, analysis/)")
+    if outcome.parent_run_id:
+        print(f"MLflow parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    print(f"Wall time: {time.perf_counter() - started:.0f} s")
+    return 1 if outcome.errors else 0
 
 
 if __name__ == "__main__":
