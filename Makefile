@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench-model clean
+.PHONY: setup demo test bench-model bench-train clean
 
 # pip (not uv/poetry) so that the torch/torchvision wheels on local disk are found.
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +24,9 @@ test: $(VENV)/.installed
 
 bench-model: $(VENV)/.installed
 	$(BIN)/python benchmarks/model_step.py
+
+bench-train: $(VENV)/.installed
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache mlruns mlflow.db runs demo-data
