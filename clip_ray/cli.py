@@ -128,8 +128,6 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from clip_ray.data.convert import ConvertOptions, convert
-    from clip_ray.data.formats import DataError
-    from clip_ray.ray_utils import ray_session
 
     options = ConvertOptions(
         samples_per_shard=args.samples_per_shard, output_format=args.output_format,
@@ -137,20 +135,12 @@ def run_convert(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
         overwrite=args.overwrite, max_failure_fraction=args.max_failure_fraction,
     )
-    with ray_session(args.ray_address, args.num_cpus):
-        try:
-            stats = convert(source_from_args(args), args.output, options)
-        except DataError as err:
-            print(f"clip-ray data convert: {err}", file=sys.stderr)
-            return 1
-    _print_summary(stats, ["samples_written", "shards_written", "failures", "partitions_reused", "duration_s"])
-    return 0
+    return _run_data_job(args, "convert", lambda: convert(source_from_args(args), args.output, options),
+                         ["samples_written", "shards_written", "failures", "partitions_reused", "duration_s"])
 
 
 def run_curate(args: argparse.Namespace) -> int:
     from clip_ray.data.curate import CurateOptions, curate
-    from clip_ray.data.formats import DataError
-    from clip_ray.ray_utils import ray_session
 
     options = CurateOptions(
         max_per_query=args.max_per_query, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
@@ -159,13 +149,22 @@ def run_curate(args: argparse.Namespace) -> int:
         output_format=args.output_format, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
         overwrite=args.overwrite,
     )
+    return _run_data_job(args, "curate", lambda: curate(source_from_args(args), args.queries, args.output, options),
+                         ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+
+
+def _run_data_job(args: argparse.Namespace, name: str, job, summary_keys: Sequence[str]) -> int:
+    """Runs `job()` on the Ray cluster of the arguments; a DataError is one line on stderr and exit 1."""
+    from clip_ray.data.formats import DataError
+    from clip_ray.ray_utils import ray_session
+
     with ray_session(args.ray_address, args.num_cpus):
         try:
-            report = curate(source_from_args(args), args.queries, args.output, options)
+            summary = job()
         except DataError as err:
-            print(f"clip-ray data curate: {err}", file=sys.stderr)
+            print(f"clip-ray data {name}: {err}", file=sys.stderr)
             return 1
-    _print_summary(report, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+    _print_summary(summary, summary_keys)
     return 0
 
 
@@ -310,8 +309,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"clip-ray sweep: {err}", file=sys.stderr)
         return 2
-    # ASHA stops trials early; Ray frees a stopped trial's workers reliably only with its dashboard up.
-    with ray_session(args.ray_address, args.num_cpus, include_dashboard=file.sweep.scheduler == "asha"):
+    with ray_session(args.ray_address, args.num_cpus):
         try:
             outcome = run(file, args.demo_data_dir)
         except ConfigError as err:

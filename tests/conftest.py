@@ -15,14 +15,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CLIP_RAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
-def _shared_dir(name: str) -> Path:
-    path = SHARED_DATA / name
+def _required_dir(path: Path, what: str) -> Path:
+    """`path`, or a skip naming it (a failure where CI requires ../shared)."""
     if not path.is_dir():
-        reason = f"real data {path} is absent (it sits beside the repo as ../shared/data)"
+        reason = f"{what} {path} {'are' if what.endswith('s') else 'is'} absent (beside the repo in ../shared)"
         if os.environ.get("CLIP_RAY_REQUIRE_SHARED") == "1":
             pytest.fail(f"CLIP_RAY_REQUIRE_SHARED=1 but {reason}")
         pytest.skip(reason)
     return path
+
+
+def _shared_dir(name: str) -> Path:
+    return _required_dir(SHARED_DATA / name, "real data")
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +45,7 @@ def cifar10_dir() -> Path:
 def kuberay_schemas_dir() -> Path:
     """../shared/schemas/kuberay: KubeRay's RayCluster and RayJob CRDs (openAPIV3Schema) to validate infra/k8s against."""
     path = Path(os.environ.get("CLIP_RAY_SHARED_SCHEMAS", REPO_ROOT.parent / "shared" / "schemas")) / "kuberay"
-    if not path.is_dir():
-        reason = f"KubeRay CRD schemas {path} are absent (they sit beside the repo as ../shared/schemas)"
-        if os.environ.get("CLIP_RAY_REQUIRE_SHARED") == "1":
-            pytest.fail(f"CLIP_RAY_REQUIRE_SHARED=1 but {reason}")
-        pytest.skip(reason)
-    return path
+    return _required_dir(path, "KubeRay CRD schemas")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import random
 import struct
 import tarfile
@@ -19,6 +18,7 @@ from clip_ray.data.formats import (
     decode_caption, decode_image, decode_samples, load_split, read_caption_csv, read_coco_captions,
     read_image_folder, read_parquet_file, read_tar_shard,
 )
+from tar_helpers import write_tar
 
 pytestmark = pytest.mark.shared_data
 R = FailureReason
@@ -48,14 +48,6 @@ def bad_images(photos) -> dict[str, bytes]:
         "text": b"<html><body>404 Not Found</body></html>\n",
         "bomb": png_declaring(20_000, 20_000),
     }
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture()

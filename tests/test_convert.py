@@ -9,7 +9,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from clip_ray.config import SourceConfig
 from clip_ray.data.convert import ConvertOptions, convert
 from clip_ray.data.formats import DataError, list_shards, load_split, read_caption_csv, read_shard
+from tar_helpers import write_tar
 
 pytestmark = pytest.mark.shared_data
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,15 +57,6 @@ def read_back(out_dir: Path, extension: str) -> list:
 
 def folder_bytes(out_dir: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(out_dir.iterdir()) if path.name != "stats.json"}
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def photo(flickr8k_dir: Path, i: int) -> bytes:
