@@ -38,7 +38,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
         ray.init(address=address, **init_kwargs)
     else:
         log.info("starting a local Ray cluster (num_cpus=%s)", num_cpus)
-        init_kwargs.setdefault("include_dashboard", False)
+        # With its dashboard (on 127.0.0.1): Ray's State API lives there, and without it Ray Train's
+        # placement-group cleaner warns every second and Tune's ASHA leaks stopped trials' workers.
+        init_kwargs.setdefault("include_dashboard", True)
         ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
     return True
 
