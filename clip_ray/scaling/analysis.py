@@ -136,6 +136,7 @@ def isoflop_profiles(trials: pd.DataFrame, points: pd.DataFrame | None, n_levels
         if use_curves:
             for _, curve in points.groupby("trial_id"):
                 c, e = curve["compute"].to_numpy(float), curve["error"].to_numpy(float)
+                c, e = c[c > 0], e[c > 0]  # the evaluation before the first step has spent nothing
                 if len(c) and c.min() <= level <= c.max() and np.all(e > 0):
                     params.append(float(curve["params"].iloc[0]))
                     errors.append(float(np.exp(np.interp(np.log(level), np.log(c), np.log(e)))))
