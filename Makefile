@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test bench-model bench-train clean
+.PHONY: setup demo test sweep bench-model bench-train clean
 
 # pip (not uv/poetry) so that the torch/torchvision wheels on local disk are found.
 $(VENV)/.installed: pyproject.toml
@@ -19,6 +19,10 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python jobs/train.py
 
+# The scaling sweep on the demo data: 9 trials, about a quarter of an hour on 2 cores.
+sweep: $(VENV)/.installed
+	$(BIN)/python tune/sweep.py --config configs/sweep-demo-cpu.yaml
+
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
@@ -29,4 +33,4 @@ bench-train: $(VENV)/.installed
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache mlruns mlflow.db runs demo-data
+	rm -rf $(VENV) .pytest_cache mlruns mlflow.db runs demo-data sweeps
