@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
@@ -113,10 +114,16 @@ def entrypoint(job_name: str) -> tuple[str, str]:
     return re.fullmatch(r"python (\S+) --config (\S+)", job["spec"]["entrypoint"]).groups()
 
 
+def cluster_job_configs() -> list[Path]:
+    """The training job configs for a GPU cluster (a sweep file, sweep-*.yaml, wraps one of them)."""
+    return sorted(p for p in (REPO_ROOT / "configs").glob("*-cluster.yaml") if not p.name.startswith("sweep-"))
+
+
 def test_train_job_entrypoint_exists_and_checkpoints_to_shared_storage():
     script, config = entrypoint("clip-ray-train-vit-b32")
     assert (REPO_ROOT / script).is_file() and (REPO_ROOT / config).is_file()
-    for config in sorted((REPO_ROOT / "configs").glob("*-cluster.yaml")):
+    assert cluster_job_configs()
+    for config in cluster_job_configs():
         storage = yaml.safe_load(config.read_text())["cluster"]["storage_path"]
         assert storage.startswith(("s3://", "gs://")), f"{config.name}: a multi-node run needs shared storage"
 
@@ -163,7 +170,7 @@ def test_gpu_group_can_host_the_cluster_configs():
     (gpu_group,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-train"]
     gpus_per_pod = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     logical_cpus = int(gpu_group["rayStartParams"]["num-cpus"])
-    for config in sorted((REPO_ROOT / "configs").glob("*-cluster.yaml")):
+    for config in cluster_job_configs():
         wanted = yaml.safe_load(config.read_text())["cluster"]
         workers_per_pod = gpus_per_pod // wanted["gpus_per_worker"]
         assert wanted["num_workers"] <= gpu_group["maxReplicas"] * workers_per_pod, config.name
