@@ -28,7 +28,7 @@ from clip_ray.config.sweep import SweepFile
 from clip_ray.data.storage import join, resolve
 from clip_ray.sweep.trials import (
     RECORDS_DIR, RUNS_DIR, learning_curves, param_space, read_record, run_trial, setup_payload, trial_config,
-    trial_key,
+    trial_key, trial_row,
 )
 
 log = logging.getLogger("clip_ray.sweep")
@@ -151,28 +151,14 @@ def _child_runs(tracking_uri: str, parent_run_id: str | None) -> dict[str, objec
 
 def _unfinished_record(result, file: SweepFile, base: Config, sweep_dir: str, children: dict) -> dict | None:
     """A row for a trial that ended without a record: stopped by ASHA (or errored) after some evaluations."""
-    from clip_ray.model import model_stats
-
     metrics = result.metrics or {}
     if file.sweep.metric not in metrics or "trial_id" not in metrics:
         return None
     params = {k: result.config[k] for k in ("width_multiplier", "samples_seen", "lr")}
     name = f"{trial_key(params)}-{metrics['trial_id']}"
     config = trial_config(base, file.sweep, params, name, join(sweep_dir, RUNS_DIR), None)
-    stats = model_stats(config.model)
-    samples_seen = int(metrics.get("samples_seen", 0))
-    record = {"trial_id": name, "width_multiplier": params["width_multiplier"], "lr": params["lr"],
-              "target_samples": int(params["samples_seen"]), "model": config.model.name,
-              "params": stats["params_total"], "params_vision": stats["params_vision"],
-              "params_text": stats["params_text"], "flops_per_sample": stats["flops_per_sample"],
-              "steps": int(metrics.get("step", 0)), "samples_seen": samples_seen,
-              "unique_samples": int(metrics.get("unique_samples", 0)) or samples_seen,
-              "compute": 3.0 * stats["flops_per_sample"] * samples_seen,
-              "val_loss": metrics.get("val/loss", float("nan")),
-              "zeroshot_top1": metrics.get("zeroshot/top1", float("nan")),
-              "wall_time_s": metrics.get("time_total_s", float("nan")),
-              "status": "errored" if result.error is not None else "stopped",
-              **{k: float(v) for k, v in metrics.items() if k.startswith(("val/", "zeroshot/"))}}
+    record = trial_row(name, params, config, metrics, metrics, metrics.get("time_total_s", float("nan")),
+                       "errored" if result.error is not None else "stopped")
     child = children.get(name)
     if child is not None:
         record["mlflow_run_id"] = child.info.run_id
@@ -193,7 +179,7 @@ def collect_results(grid, file: SweepFile, base: Config, sweep_dir: str,
     for info in fs.get_file_info(pafs.FileSelector(records_path, allow_not_found=True)):
         if info.path.endswith(".json"):
             record = _read_json(join(join(sweep_dir, RECORDS_DIR), info.base_name))
-            records[record["trial_id"]] = {"status": "finished", **record}
+            records[record["trial_id"]] = record
     children = _child_runs(base.tracking.tracking_uri, parent_run_id)
     errors = {}
     for result in grid:

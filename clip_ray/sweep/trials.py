@@ -157,33 +157,42 @@ def learning_curves(tracking_uri: str, run_id: str | None, global_batch_size: in
     return rows
 
 
-def trial_record(name: str, params: dict, config: Config, outcome, wall_time_s: float) -> dict:
-    """The results-table row of a finished trial, its learning curves under "curves"."""
+def trial_row(name: str, params: dict, config: Config, position: dict, metrics: dict, wall_time_s: float,
+              status: str) -> dict:
+    """One results-table row: the trial's point, its measured sizes and compute, its last metrics.
+
+    `position` holds the loop's step / samples_seen / unique_samples; `metrics` its evaluation
+    (val/..., zeroshot/...), kept under the loop's names plus the analysis' val_loss and zeroshot_top1.
+    """
     from clip_ray.model import model_stats
 
     stats = model_stats(config.model)
-    summary, final = outcome.summary, outcome.final
-    samples_seen = int(summary.get("samples_seen", 0))
-    record: dict[str, Any] = {
+    samples_seen = int(position.get("samples_seen", 0))
+    row: dict[str, Any] = {
         "trial_id": name,
+        "status": status,
         "width_multiplier": float(params["width_multiplier"]),
         "lr": float(params["lr"]),
         "target_samples": int(params["samples_seen"]),
         "model": config.model.name,
         "params": stats["params_total"], "params_vision": stats["params_vision"], "params_text": stats["params_text"],
         "flops_per_sample": stats["flops_per_sample"],
-        "steps": int(summary.get("step", 0)),
+        "steps": int(position.get("step", 0)),
         "samples_seen": samples_seen,
-        "unique_samples": int(summary.get("unique_samples", 0)) or samples_seen,
+        "unique_samples": int(position.get("unique_samples", 0)) or samples_seen,
         "compute": 3.0 * stats["flops_per_sample"] * samples_seen,
-        "val_loss": final.get("val/loss", float("nan")),
-        "zeroshot_top1": final.get("zeroshot/top1", float("nan")),
+        "val_loss": metrics.get("val/loss", float("nan")),
+        "zeroshot_top1": metrics.get("zeroshot/top1", float("nan")),
         "wall_time_s": wall_time_s,
-        "mlflow_run_id": outcome.mlflow_run_id,
-        "run_path": outcome.run_path,
-        "finished_at": time.time(),
     }
-    record.update({k: float(v) for k, v in final.items()})  # val/..., zeroshot/... as the loop named them
+    row.update({k: float(v) for k, v in metrics.items() if k.startswith(("val/", "zeroshot/"))})
+    return row
+
+
+def trial_record(name: str, params: dict, config: Config, outcome, wall_time_s: float) -> dict:
+    """The row of a finished trial, with where it lives and its learning curves under "curves"."""
+    record = trial_row(name, params, config, outcome.summary, outcome.final, wall_time_s, "finished")
+    record.update({"mlflow_run_id": outcome.mlflow_run_id, "run_path": outcome.run_path, "finished_at": time.time()})
     record["curves"] = learning_curves(outcome.tracking_uri, outcome.mlflow_run_id, config.train.global_batch_size)
     return record
 
