@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Sequence
 
-from clip_ray.config import SourceConfig
+from clip_ray.config import ConfigError, SourceConfig
 from clip_ray.data.samples import DEFAULT_MAX_PIXELS
 
 
@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        # A config the command cannot run, found before Ray starts or by the job itself: one line, exit 2.
+        name = " ".join(filter(None, (args.group, getattr(args, "command", None))))
+        print(f"clip-ray {name}: {err}", file=sys.stderr)
+        return 2
 
 
 # --------------------------------------------------------------------------- shared arguments
@@ -228,27 +234,19 @@ def print_train_summary(outcome, dataset=None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from clip_ray.config import ConfigError
     from clip_ray.ray_utils import ray_session
     from clip_ray.train.inputs import check_inputs, prepare_config
     from clip_ray.train.trainer import train
 
     started = time.perf_counter()
-    try:
-        config, dataset = _load_job_config(args)
-        config = prepare_config(config)
-        check_inputs(config)  # before Ray starts: a bad path costs a second, not a cluster start
-    except ConfigError as err:
-        print(f"clip-ray train: {err}", file=sys.stderr)
-        return 2
+    config, dataset = _load_job_config(args)
+    config = prepare_config(config)
+    check_inputs(config)  # before Ray starts: a bad path costs a second, not a cluster start
     import ray.train
 
     with ray_session(args.ray_address, args.num_cpus):
         try:
             outcome = train(config)
-        except ConfigError as err:
-            print(f"clip-ray train: {err}", file=sys.stderr)
-            return 2
         except ray.train.TrainingFailedError as err:
             print(f"clip-ray train: training failed: {err}", file=sys.stderr)
             return 1
@@ -258,23 +256,18 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from clip_ray.config import ConfigError
     from clip_ray.eval.report import metrics_table
     from clip_ray.eval.standalone import evaluate_model
     from clip_ray.ray_utils import ray_session
     from clip_ray.train.inputs import check_inputs, prepare_config
 
-    try:
-        config, _ = _load_job_config(args)
-        config = prepare_config(config)
-        check_inputs(config)
-    except ConfigError as err:
-        print(f"clip-ray eval: {err}", file=sys.stderr)
-        return 2
+    config, _ = _load_job_config(args)
+    config = prepare_config(config)
+    check_inputs(config)
     with ray_session(args.ray_address, args.num_cpus):
         try:
             metrics = evaluate_model(config, args.model)
-        except (ConfigError, FileNotFoundError) as err:
+        except FileNotFoundError as err:
             print(f"clip-ray eval: {err}", file=sys.stderr)
             return 2
     print(metrics_table({"model": metrics}))
@@ -299,22 +292,14 @@ def add_sweep_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from clip_ray.config import ConfigError, load_sweep_config
+    from clip_ray.config import load_sweep_config
     from clip_ray.ray_utils import ray_session
     from clip_ray.sweep import run_sweep as run
 
     started = time.perf_counter()
-    try:
-        file = load_sweep_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"clip-ray sweep: {err}", file=sys.stderr)
-        return 2
+    file = load_sweep_config(args.config, args.overrides)
     with ray_session(args.ray_address, args.num_cpus):
-        try:
-            outcome = run(file, args.demo_data_dir)
-        except ConfigError as err:
-            print(f"clip-ray sweep: {err}", file=sys.stderr)
-            return 2
+        outcome = run(file, args.demo_data_dir)
     columns = [c for c in ("trial_id", "params", "samples_seen", "compute", "val_loss", "zeroshot_top1",
                            "wall_time_s", "status") if c in outcome.results]
     print(outcome.results[columns].to_string(index=False) if len(outcome.results) else "no trial finished")

@@ -227,3 +227,11 @@ class AtomicFile(ClosesOrAborts):
 
     # The with-statement's names for them (ClosesOrAborts).
     close, abort = commit, discard
+
+
+def write_file(path: str, data: bytes) -> None:
+    """`data` at `path` (local or a URI), whole or not at all; missing parent folders are made."""
+    fs, fs_path = resolve(path)
+    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
+    with AtomicFile(fs_path, fs) as file:
+        file.stream.write(data)

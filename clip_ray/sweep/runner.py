@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 
 from clip_ray.config import Config, TrackingConfig, to_dict
 from clip_ray.config.sweep import SweepFile
-from clip_ray.data.storage import join, resolve
+from clip_ray.data.storage import join, resolve, write_file
 from clip_ray.sweep.trials import (
     RECORDS_DIR, RUNS_DIR, learning_curves, param_space, read_record, run_trial, setup_payload, trial_config,
     trial_key, trial_row,
@@ -61,13 +61,6 @@ def _read_json(path: str) -> dict:
     return read_record(path) or {}
 
 
-def _write_text(path: str, text: str) -> None:
-    fs, fs_path = resolve(path)
-    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(fs_path) as stream:
-        stream.write(text.encode())
-
-
 def prepare_base(file: SweepFile, sweep_dir: str, demo_data_dir: str | Path) -> Config:
     """The base job ready for every trial: demo data drawn, BPE trained (kept in the sweep), paths absolute."""
     from clip_ray.train.demo import prepare_demo
@@ -83,7 +76,7 @@ def prepare_base(file: SweepFile, sweep_dir: str, demo_data_dir: str | Path) -> 
     return base
 
 
-def _open_parent_run(base: Config, file: SweepFile, sweep_dir: str, state: dict):
+def _open_parent_run(base: Config, file: SweepFile, state: dict):
     """The sweep's MLflow parent run (resumed when sweep.json names one); a sweep goes on without MLflow."""
     from clip_ray.tracking import Tracker
 
@@ -204,10 +197,8 @@ def collect_results(grid, file: SweepFile, base: Config, sweep_dir: str,
 
 def _write_tables(sweep_dir: str, results: pd.DataFrame, curves: pd.DataFrame) -> None:
     for name, table in (("results", results), ("curves", curves)):
-        _write_text(join(sweep_dir, f"{name}.csv"), table.to_csv(index=False))
-        fs, path = resolve(join(sweep_dir, f"{name}.parquet"))
-        with fs.open_output_stream(path) as stream:
-            table.to_parquet(stream, index=False)
+        write_file(join(sweep_dir, f"{name}.csv"), table.to_csv(index=False).encode())
+        write_file(join(sweep_dir, f"{name}.parquet"), table.to_parquet(index=False))
 
 
 def _analyze(file: SweepFile, sweep_dir: str, results: pd.DataFrame, curves: pd.DataFrame, parent) -> dict | None:
@@ -250,13 +241,13 @@ def run_sweep(file: SweepFile, demo_data_dir: str | Path = "demo-data") -> Sweep
     base = prepare_base(file, sweep_dir, demo_data_dir)
     state_path = join(sweep_dir, STATE_FILE)
     state = _read_json(state_path)
-    parent = _open_parent_run(base, file, sweep_dir, state)
+    parent = _open_parent_run(base, file, state)
     status = "FAILED"
     try:
         if parent.run_id:
             state["parent_run_id"] = parent.run_id
-        _write_text(state_path, json.dumps({**state, "tracking_uri": base.tracking.tracking_uri,
-                                            "sweep": to_dict(sweep)}, indent=2))
+        write_file(state_path, json.dumps({**state, "tracking_uri": base.tracking.tracking_uri,
+                                           "sweep": to_dict(sweep)}, indent=2).encode())
         payload = setup_payload(base, sweep, sweep_dir, parent.run_id)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=payload),
                                         {"cpu": sweep.trial_driver_cpus})

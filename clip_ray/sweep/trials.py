@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from clip_ray.config import Config, SweepConfig, from_dict, to_dict
-from clip_ray.data.storage import join, resolve
+from clip_ray.data.storage import join, resolve, write_file
 
 log = logging.getLogger("clip_ray.sweep")
 
@@ -127,13 +127,8 @@ def read_record(path: str) -> dict | None:
 
 
 def write_record(path: str, record: dict) -> None:
-    """Written under a temporary name, then moved: a reader sees a whole record or none."""
-    fs, fs_path = resolve(path)
-    fs.create_dir(fs_path.rsplit("/", 1)[0], recursive=True)
-    partial = fs_path + ".partial"
-    with fs.open_output_stream(partial) as stream:
-        stream.write(json.dumps(record, indent=2, sort_keys=True, default=float).encode())
-    fs.move(partial, fs_path)
+    """Atomically: a reader (a restarted sweep) sees a whole record or none."""
+    write_file(path, json.dumps(record, indent=2, sort_keys=True, default=float).encode())
 
 
 def learning_curves(tracking_uri: str, run_id: str | None, global_batch_size: int) -> list[dict]:
