@@ -150,6 +150,23 @@ def test_bf16_autocast_is_close_to_fp32():
             assert F.cosine_similarity(a, b.float(), dim=-1).min() > 0.99
 
 
+def test_bf16_residual_stream_stays_bf16_and_norms_keep_float32_weights():
+    """Under autocast the norms compute in float32 but hand back bf16, so no block's output is float32
+    (a float32 stream would double the bytes every add and norm moves on a GPU)."""
+    model = build_model(TINY_VIT)
+    block_dtypes = []
+    for block in [*model.visual.transformer.resblocks, *model.transformer.resblocks]:
+        block.register_forward_hook(lambda module, inputs, output: block_dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images_for(TINY_VIT), tokens_for(TINY_VIT))
+    assert block_dtypes == [torch.bfloat16] * (2 * TINY_VIT.vision.layers)
+    (out.image_features.float().sum() + out.text_features.float().sum()).backward()
+    assert model.visual.ln_pre.weight.dtype == torch.float32 and model.visual.ln_pre.weight.grad is not None
+    with torch.no_grad():
+        full = model(images_for(TINY_VIT), tokens_for(TINY_VIT))
+    assert {full.image_features.dtype, full.text_features.dtype} == {torch.float32}
+
+
 def gradients(model: CLIP, images: torch.Tensor, tokens: torch.Tensor) -> tuple[ClipOutput, dict]:
     model.zero_grad()
     out = model(images, tokens)

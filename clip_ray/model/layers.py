@@ -30,6 +30,28 @@ def activation_layer(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}: expected 'gelu' or 'quick_gelu'")
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that hands back its input's dtype.
+
+    Autocast computes layer_norm in float32 and returns float32. With the plain
+    module the residual stream becomes float32 after the first norm, so every add
+    and norm under bf16 moves twice the bytes and the saved activations double.
+    Normalising in float32 and casting back keeps the stream in the compute dtype,
+    as OpenAI's fp16 model did. Same parameters, same state-dict keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on x's device, or x's own dtype outside autocast."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over [batch, tokens, width], laid out like nn.MultiheadAttention's weights."""
 
@@ -70,9 +92,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, causal: bool):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
         self.attn = SelfAttention(width, heads, causal)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +143,7 @@ class Transformer(nn.Module):
                 nn.init.zeros_(bias)
 
 
-def embedding_head(width: int, embed_dim: int) -> tuple[nn.LayerNorm, nn.Parameter]:
+def embedding_head(width: int, embed_dim: int) -> tuple[LayerNorm, nn.Parameter]:
     """A tower's exit into the shared embedding space: a last LayerNorm, then a bias-free projection
     (left uninitialised: each tower scales it its own way, as OpenAI's do)."""
-    return nn.LayerNorm(width), nn.Parameter(torch.empty(width, embed_dim))
+    return LayerNorm(width), nn.Parameter(torch.empty(width, embed_dim))

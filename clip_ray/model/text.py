@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clip_ray.config import TextConfig
-from clip_ray.model.layers import Transformer, embedding_head
+from clip_ray.model.layers import Transformer, compute_dtype, embedding_head
 
 
 def end_of_text_positions(tokens: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -47,7 +47,8 @@ class TextTransformer(nn.Module):
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids (T <= context_length) -> unnormalised [B, embed_dim] features."""
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.transformer(x)
+        # Embeddings come out float32 even under autocast; the stream runs in the compute dtype (see LayerNorm).
+        x = self.transformer(x.to(compute_dtype(x)))
         eot = end_of_text_positions(tokens, self.pad_token_id)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         return self.ln_final(x) @ self.text_projection

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from clip_ray.config import VisionConfig
-from clip_ray.model.layers import Transformer, embedding_head
+from clip_ray.model.layers import LayerNorm, Transformer, embedding_head
 
 
 class VisionTransformer(nn.Module):
@@ -24,7 +24,7 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = LayerNorm(width)
         self.transformer = Transformer.for_tower(config, activation, causal=False)
         self.ln_post, self.proj = embedding_head(width, embed_dim)
         self.init_parameters()
