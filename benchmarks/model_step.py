@@ -8,6 +8,11 @@ belong to it alone.
 
     python benchmarks/model_step.py                      # CPU, small preset
     python benchmarks/model_step.py --device cuda        # ViT-B/16, 224 px, batch 256, bf16
+    python benchmarks/model_step.py --device cuda --profile-dir /tmp/prof   # + where the GPU time goes
+
+A variant is "<impl> <eager|compile> [flags]": impl is clip-ray or openclip; the
+flags are ckpt (gradient checkpointing) and a torch.compile mode (reduce-overhead
+for CUDA graphs, max-autotune-no-cudagraphs for searched matmul kernels).
 
 OpenCLIP (`open_clip_torch`, the `bench` extra) is the reference; clip_ray/ never imports it.
 """
@@ -29,10 +34,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 CPU_VARIANTS = ["clip-ray eager", "clip-ray compile", "openclip eager", "openclip compile"]
+# Most telling first, so a run cut short by its time limit keeps the comparisons that matter.
 GPU_VARIANTS = [
-    "clip-ray eager", "openclip eager", "clip-ray compile", "clip-ray eager ckpt",
-    "openclip compile", "clip-ray compile ckpt",
+    "clip-ray compile", "openclip compile", "clip-ray compile reduce-overhead", "clip-ray eager",
+    "openclip eager", "clip-ray compile ckpt", "clip-ray eager ckpt", "clip-ray compile max-autotune-no-cudagraphs",
 ]
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Kernel-name fragments -> the part of the step they belong to, for the profile's breakdown; first match wins
+# (inductor names its matmul templates triton_tem_*, its fused pointwise and norm kernels triton_poi/red/per_*).
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("matmul", ("triton_tem",)),
+    ("fused elementwise/norm (triton)", ("triton",)),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "mm", "conv", "linear")),
+]
+
+
+def parse_variant(variant: str) -> tuple[str, str, str, bool]:
+    """'clip-ray compile reduce-overhead' -> (impl, eager|compile, torch.compile mode, checkpointing)."""
+    impl, mode, *flags = variant.split()
+    unknown = [f for f in flags if f != "ckpt" and f not in COMPILE_MODES]
+    if impl not in ("clip-ray", "openclip") or mode not in ("eager", "compile") or unknown:
+        raise SystemExit(f"bad variant {variant!r}: expected '<clip-ray|openclip> <eager|compile> "
+                         f"[ckpt] [{'|'.join(COMPILE_MODES)}]'")
+    compile_mode = next((f for f in flags if f in COMPILE_MODES), "default")
+    return impl, mode, compile_mode, "ckpt" in flags
+
+
+def kernel_breakdown(profiler, on_gpu: bool) -> dict[str, float]:
+    """Share of the profiled time per kind of kernel (GPU kernels on a GPU, aten ops on a CPU)."""
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        if on_gpu:
+            device_us = event.self_device_time_total if event.device_type.name == "CUDA" else 0.0
+        else:
+            device_us = event.self_cpu_time_total if event.key.startswith("aten::") else 0.0
+        if device_us <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, fragments in KERNEL_KINDS if any(f in name for f in fragments)), "other")
+        totals[kind] = totals.get(kind, 0.0) + device_us
+    everything = sum(totals.values()) or 1.0
+    return {kind: us / everything for kind, us in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def build_openclip(config):
@@ -60,19 +105,13 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = get_preset(args.preset)
-    impl, mode = args.variant.split()[:2]
-    checkpointing = args.variant.endswith("ckpt")
+    impl, mode, compile_mode, checkpointing = parse_variant(args.variant)
 
-    if impl == "clip-ray":
-        model = build_model(config)
-        if checkpointing:
-            model.set_grad_checkpointing(True)
-    else:
-        model = build_openclip(config)
-        if checkpointing:
-            model.set_grad_checkpointing(True)
+    model = build_model(config) if impl == "clip-ray" else build_openclip(config)
+    if checkpointing:
+        model.set_grad_checkpointing(True)
     model = model.to(device).train()
-    step_model = torch.compile(model) if mode == "compile" else model
+    step_model = torch.compile(model, mode=compile_mode) if mode == "compile" else model
 
     loss_fn = ClipLoss()
     fused = device.type == "cuda"
@@ -82,6 +121,8 @@ def run_variant(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
 
     def step() -> float:
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = step_model(images, tokens)
             if isinstance(out, dict):  # OpenCLIP returns a dict when asked, a tuple otherwise
@@ -127,7 +168,26 @@ def run_variant(args) -> dict:
             result["mfu"] = 3 * flops_per_sample * samples_per_s / peak
     else:
         result["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if args.profile_dir:
+        result["kernel_share"] = profile_steps(step, sync, device.type == "cuda", args.variant,
+                                               Path(args.profile_dir))
     return result
+
+
+def profile_steps(step, sync, on_gpu: bool, variant: str, out_dir: Path, steps: int = 3) -> dict[str, float]:
+    """A few more steps under torch.profiler: the top kernels as a table file, and the share of each kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        sync()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=90)
+    (out_dir / (variant.replace(" ", "_") + ".txt")).write_text(table)
+    return kernel_breakdown(profiler, on_gpu)
 
 
 def main() -> None:
@@ -141,6 +201,10 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated subset of the variants")
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     parser.add_argument("--json-out", default=None, help="also write all results as JSON here")
+    parser.add_argument("--profile-dir", default=None,
+                        help="profile 3 more steps per variant: kernel tables here, shares in the results")
+    parser.add_argument("--variant-timeout", type=float, default=600,
+                        help="seconds before a variant (compile included) is given up")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     args.preset = args.preset or ("ViT-B/16" if cuda else "vit-small-cpu")
@@ -153,14 +217,20 @@ def main() -> None:
         return
 
     variants = args.variants.split(",") if args.variants else (GPU_VARIANTS if cuda else CPU_VARIANTS)
+    for variant in variants:
+        parse_variant(variant)  # a typo stops the run here, not after an hour of the other variants
     print(f"preset {args.preset}, batch {args.batch}, {args.precision}, {args.steps} timed steps "
           f"after {args.warmup} warm-up steps, device {args.device}, torch threads {os.cpu_count()}", flush=True)
     results = []
     for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--preset", args.preset,
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--precision", args.precision]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--precision", args.precision] + (["--profile-dir", args.profile_dir] if args.profile_dir else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.variant_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{variant}: gave up after {args.variant_timeout:.0f} s", flush=True)
+            continue
         if proc.returncode != 0:
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
             continue
@@ -168,17 +238,20 @@ def main() -> None:
         r = results[-1]
         if args.json_out:  # after every variant, so a run cut short keeps what it measured
             Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-        print(f"  {variant:24s} {r['samples_per_s']:9.1f} samples/s  peak {r['peak_mem_gib']:6.2f} GiB"
+        print(f"  {variant:44s} {r['samples_per_s']:9.1f} samples/s  peak {r['peak_mem_gib']:6.2f} GiB"
               + (f"  MFU {100 * r['mfu']:5.1f}%" if "mfu" in r else ""), flush=True)
+        if "kernel_share" in r:
+            print("    device time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["kernel_share"].items()),
+                  flush=True)
 
     by_name = {r["variant"]: r for r in results}
-    print("\nvariant                   samples/s   step ms   peak GiB   warm-up s   MFU     vs openclip (same mode)")
+    print(f"\n{'variant':44s}  samples/s   step ms   peak GiB   warm-up s   MFU     vs openclip (same mode)")
     for r in results:
         impl, mode_and_flags = r["variant"].split(maxsplit=1)
         ref = by_name.get(f"openclip {mode_and_flags}")  # like with like: same compile mode and checkpointing
         ratio = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x" if ref and impl == "clip-ray" else ""
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"{r['variant']:24s} {r['samples_per_s']:10.1f} {r['step_ms']:9.1f} {r['peak_mem_gib']:10.2f} "
+        print(f"{r['variant']:44s} {r['samples_per_s']:10.1f} {r['step_ms']:9.1f} {r['peak_mem_gib']:10.2f} "
               f"{r['warmup_s']:11.1f}   {mfu:7s} {ratio}")
 
 

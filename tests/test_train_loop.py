@@ -94,3 +94,20 @@ def test_training_learns_and_reports_before_and_after(demo, tmp_path):
     assert result["mlflow_run_id"]
     # The final checkpoint went through the context with the final metrics.
     assert context.reported[-1]["step"] == 30 and "val/loss" in context.reported[-1]
+
+
+def test_compiled_training_follows_the_eager_run(demo, tmp_path):
+    """train.compile wraps the model in torch.compile with train.compile_mode; it changes speed, not the maths."""
+    settings = {"train.eval_every": 0, "train.checkpoint_every": 0, "train.lr": 1e-3}
+    compiled = {"train.compile": "true", "train.compile_mode": "default"}
+    weights, results = {}, {}
+    torch._dynamo.reset()
+    for name, extra in {"eager": {}, "compiled": compiled}.items():
+        context = WorkerContext(checkpoint_root=tmp_path / name)
+        results[name] = run_training(_config(demo, tmp_path / name, steps=4, **settings, **extra), context)
+        weights[name] = _final_weights(context.checkpoint_root)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == (name == "compiled"), f"{name} run compiled {graphs} graphs"
+    drift = max((weights["eager"][n] - weights["compiled"][n]).abs().max().item() for n in weights["eager"])
+    assert drift < 1e-4, f"compiled weights drifted {drift} from eager"
+    assert results["compiled"]["final"]["val/loss"] == pytest.approx(results["eager"]["final"]["val/loss"], rel=1e-4)

@@ -126,7 +126,7 @@ def run_training(config: Config, context: WorkerContext) -> dict:
         device_ids = [device] if device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if cfg.train.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=cfg.train.compile_mode)
     step_fn = TrainStep(train_model, optimizer, build_loss(cfg.train.loss), scaler, cfg.train, device)
     step_fn.total_nonfinite = position["nonfinite_steps"]
     tracker = tracker_for_rank(rank, cfg.tracking, to_dict(cfg), resume_run_id=mlflow_run_id)

@@ -85,6 +85,9 @@ class TrainStep:
         return autocast_context(self.cfg.precision, self.device.type)
 
     def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            # CUDA graphs reuse their output memory: tell them the previous step's outputs are dead.
+            torch.compiler.cudagraph_mark_step_begin()
         self.optimizer.zero_grad(set_to_none=True)
         k = self.cfg.accumulation_steps
         if k == 1:
