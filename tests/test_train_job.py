@@ -214,7 +214,7 @@ def test_ray_job_submit_trains_the_demo_and_mlflow_has_the_run(ray_head, tmp_pat
     # Two DDP workers with half a CPU each on a two-CPU cluster: Ray Data still gets a CPU to decode with.
     config = tiny_config(tmp_path / "runs", "e2e", steps, mlflow_uri, demo=dict(TINY_DEMO),
                          train={"eval_every": steps, "checkpoint_every": 2, "keep_checkpoints": 2},
-                         cluster={"num_workers": 2, "cpus_per_worker": 0.5})
+                         cluster={"num_workers": 2, "cpus_per_worker": 0.5}, data={"progress_log_every_s": 1})
     config_file = write_config(config, tmp_path / "job.yaml")
     data_dir = tmp_path / "demo-data"
     # The entrypoint runs with the PATH of `ray start`, so it names this environment's python.
@@ -226,6 +226,8 @@ def test_ray_job_submit_trains_the_demo_and_mlflow_has_the_run(ray_head, tmp_pat
     # What a person follows in the job's log.
     assert "starting fresh run e2e" in output and "2 worker(s) x 0.5 CPU" in output
     assert all(f"step {step}/{steps} epoch 0 | loss" in output for step in range(1, steps + 1))
+    # Ray Data's progress, as text blocks from the stream rank 0 built (its split's coordinator).
+    assert "Total Progress:" in output and "Running Dataset" in output
     assert "Zero-shot on the 12 held-out colour-shape combinations" in output
     assert re.search(r"zero-shot top-1 +0\.\d{3} +0\.\d{3} +\(chance 0\.083\)", output)
     assert re.search(r"image->text R@1 +\d\.\d{3} +\d\.\d{3}", output)

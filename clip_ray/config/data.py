@@ -58,6 +58,9 @@ class DataConfig:
     # Ray Data preprocessing: rows per map_batches call and CPUs per preprocessing task.
     preprocess_batch_size: int = 256
     preprocess_num_cpus: float = 1.0
+    # Ray Data's own progress (rows per operator, backpressure, resources in use) printed into the
+    # job log this often, from rank 0's stream; 0 turns it off.
+    progress_log_every_s: int = 60
 
     def validate(self, key: str = "data") -> None:
         for i, source in enumerate(self.train):
@@ -72,6 +75,8 @@ class DataConfig:
                self.max_failure_fraction, "must be in [0, 1]")
         check(self.preprocess_batch_size > 0, f"{key}.preprocess_batch_size", self.preprocess_batch_size,
                "must be positive")
+        check(self.progress_log_every_s >= 0, f"{key}.progress_log_every_s", self.progress_log_every_s,
+              "must be >= 0")
         check(self.preprocess_num_cpus > 0, f"{key}.preprocess_num_cpus", self.preprocess_num_cpus,
                "must be positive")
 

@@ -98,17 +98,25 @@ def log_to_stdout(level: int = logging.INFO) -> None:
 def _train_worker(loop_config: dict) -> dict:
     """TorchTrainer's per-worker function: the loop with its progress visible, returning its
     summary (Ray hands rank 0's to the driver as Result.return_value)."""
+    import ray.train
     from ray.data import DataContext
 
     from clip_ray.train.context import RayTrainContext
     from clip_ray.train.loop import run_training
 
     log_to_stdout()
-    # Each epoch's stream would draw progress bars into the job's log, one line per redraw,
-    # and announce its execution plan in three more.
-    DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     config = from_dict(Config, loop_config["config"])
+    # Each epoch's stream would announce its execution plan in three lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    data_context = DataContext.get_current()
+    if config.data.progress_log_every_s and ray.train.get_context().get_world_rank() == 0:
+        # Not redrawn bars (each redraw a line in `ray job logs`), nor tqdm_ray's bars on the driver:
+        # Ray Data's text summary, every RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL s (see build_trainer).
+        # Rank 0 builds the stream, so a multi-worker split's coordinator inherits this context.
+        data_context.use_ray_tqdm = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.INFO)
+    else:
+        data_context.enable_progress_bars = False
     return run_training(config, RayTrainContext())
 
 
@@ -128,6 +136,9 @@ def build_trainer(config: Config, callbacks: list | None = None) -> "ray.train.t
     # No checkpoint_score_attribute: Ray then keeps checkpoints in the order reported and
     # drops the oldest, so "the latest K" is what stays (score order only applies to a score).
     checkpoints = CheckpointConfig(num_to_keep=config.train.keep_checkpoints)
+    # Ray Data reads its progress interval from the environment of the process running the stream
+    # (a worker, or the coordinator of a multi-worker split, which inherits the workers' env_vars).
+    progress_env = {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": str(config.data.progress_log_every_s)}
     return TorchTrainer(
         _train_worker,
         train_loop_config={"config": to_dict(config)},
@@ -136,7 +147,7 @@ def build_trainer(config: Config, callbacks: list | None = None) -> "ray.train.t
         run_config=RunConfig(name=cluster.run_name, storage_path=cluster.storage_path,
                              checkpoint_config=checkpoints,
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             callbacks=callbacks),
+                             callbacks=callbacks, worker_runtime_env={"env_vars": progress_env}),
     )
 
 
