@@ -34,6 +34,7 @@ from clip_ray.sweep.trials import space_values, trial_config, trial_key
 from train_job_helpers import REPO_ROOT, TINY_DEMO, tiny_config, write_config
 
 BATCH = 32
+BUDGET = 1e13  # FLOPs: thousands of times the largest trial of the grid sweep
 
 
 def sweep_files(root: Path, name: str, **sweep) -> Path:
@@ -126,7 +127,8 @@ def test_sweep_presets_give_a_valid_job_at_every_point(name):
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sweep")
-    config = sweep_files(root, "grid", width_multipliers=[1, 2], samples_seen=[5 * BATCH, 10 * BATCH])
+    config = sweep_files(root, "grid", width_multipliers=[1, 2], samples_seen=[5 * BATCH, 10 * BATCH],
+                         budget=BUDGET)
     sweep_dir = root / "sweeps" / "grid"
     log = root / "sweep.log"
     with log.open("w") as out:
@@ -201,6 +203,10 @@ def test_a_sweep_leaves_its_table_curves_plots_and_mlflow_runs(resumed_sweep):
     analysis = sweep_dir / "analysis"
     report = json.loads((analysis / "scaling_fit.json").read_text())
     assert report["n_usable"] == 4 and "alpha" in report["power_law"]
+    budget = report["budget"]
+    assert budget["compute"] == BUDGET and budget["times_largest_run"] == pytest.approx(
+        BUDGET / results["compute"].max())
+    assert 0 < budget["frontier_error"] < results["val_loss"].min(), "more compute predicts a lower loss"
     plots = sorted(p.name for p in analysis.glob("*.png"))
     assert {"error_vs_compute.png", "learning_curves.png"} <= set(plots)
     for png in analysis.glob("*.png"):
@@ -213,6 +219,7 @@ def test_a_sweep_leaves_its_table_curves_plots_and_mlflow_runs(resumed_sweep):
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
     assert {f"scaling/{name}" for name in plots} <= logged
     assert "fit/alpha" in parent.data.metrics
+    assert parent.data.metrics["budget/frontier_error"] == pytest.approx(budget["frontier_error"])
     for trial in results.itertuples():
         child = client.get_run(trial.mlflow_run_id)
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id

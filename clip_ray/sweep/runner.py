@@ -222,7 +222,9 @@ def _analyze(file: SweepFile, sweep_dir: str, results: pd.DataFrame, curves: pd.
     parent.log_artifact(report["json"], "scaling")
     power = report.get("power_law", {})
     fit_metrics = {f"fit/{k}": v for k, v in power.items() if isinstance(v, (int, float))}
-    parent.log_metrics({**fit_metrics, "sweep/trials": len(results)}, step=0)
+    budget = report.get("budget", {})
+    budget_metrics = {f"budget/{k}": v for k, v in budget.items() if isinstance(v, (int, float))}
+    parent.log_metrics({**fit_metrics, **budget_metrics, "sweep/trials": len(results)}, step=0)
     return report
 
 
