@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from clip_ray.config import ConfigError, load_sweep_config
 from clip_ray.model import model_stats, scale_model
-from clip_ray.sweep.trials import space_values, trial_config, trial_key
+from clip_ray.sweep.trials import param_space, search_algorithm, space_values, trial_config, trial_key
 from train_job_helpers import REPO_ROOT, TINY_DEMO, tiny_config, write_config
 
 BATCH = 32
@@ -119,6 +119,37 @@ def test_sweep_presets_give_a_valid_job_at_every_point(name):
         assert file.base.cluster.num_workers * file.sweep.max_concurrent_trials == 64
         assert file.base.cluster.use_gpu and file.sweep.storage_path.startswith("s3://")
         assert min(values["samples_seen"]) == 3_000_000 and max(values["samples_seen"]) == 128_000_000
+
+
+def drawn_points(config: Path, **sweep) -> list[tuple]:
+    """The points Ray Tune's own generator hands out for this sweep file (no trial runs; no concurrency
+    limit, which would hold back the points after the first until it finished)."""
+    from ray.tune.experiment import Experiment
+
+    sweep = {"max_concurrent_trials": 1000, **sweep}
+    file = load_sweep_config(config, [f"sweep.{k}={v}" for k, v in sweep.items()])
+    generator = search_algorithm(file.sweep)
+    generator.add_configurations([Experiment(file.sweep.name, lambda params: None,
+                                             config=param_space(file.sweep, file.base),
+                                             num_samples=file.sweep.num_samples,
+                                             storage_path=str(config.parent / "tune"))])
+    points = []
+    while (trial := generator.next_trial()) is not None:
+        points.append((trial.config["width_multiplier"], trial.config["samples_seen"], trial.config["lr"]))
+    return points
+
+
+def test_random_search_draws_from_the_lists_and_the_seed_repeats_them(tmp_path):
+    lists = {"width_multipliers": [0.5, 1, 2], "samples_seen": [160, 320], "lrs": [1e-3, 3e-3]}
+    config = sweep_files(tmp_path, "random", search="random", num_samples=12, **lists)
+    first, again, other = drawn_points(config), drawn_points(config), drawn_points(config, seed=1)
+    assert len(first) == 12 and first == again and first != other
+    for width, samples, lr in first + other:
+        assert width in lists["width_multipliers"] and samples in lists["samples_seen"] and lr in lists["lrs"]
+    assert len({w for w, _, _ in first}) > 1, "draws vary along each axis"
+    # Grid search (num_samples repeats) walks every combination, whatever the seed.
+    grid = drawn_points(config, search="grid", num_samples=2, seed=5)
+    assert sorted(grid) == sorted(list(itertools.product([0.5, 1.0, 2.0], [160, 320], [1e-3, 3e-3])) * 2)
 
 
 # --------------------------------------------------------------------------- 2 x 2, interrupted and resumed

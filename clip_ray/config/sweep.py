@@ -60,6 +60,7 @@ class SweepConfig:
     max_trial_failures: int = 0
     # A compute budget (FLOPs) for which the analysis reports the compute-optimal model and data.
     budget: float | None = None
+    # Seeds the random search's draws and the analysis's bootstrap.
     seed: int = 0
 
     def validate(self, key: str = "sweep") -> None:

@@ -27,8 +27,8 @@ from clip_ray.config import Config, TrackingConfig, to_dict
 from clip_ray.config.sweep import SweepFile
 from clip_ray.data.storage import join, resolve, write_file
 from clip_ray.sweep.trials import (
-    RECORDS_DIR, RUNS_DIR, learning_curves, param_space, read_record, run_trial, setup_payload, trial_config,
-    trial_key, trial_row,
+    RECORDS_DIR, RUNS_DIR, learning_curves, param_space, read_record, run_trial, search_algorithm, setup_payload,
+    trial_config, trial_key, trial_row,
 )
 
 log = logging.getLogger("clip_ray.sweep")
@@ -114,7 +114,7 @@ def _tuner(file: SweepFile, base: Config, storage: str, trainable):
     if tune.Tuner.can_restore(experiment):
         log.info("resuming sweep %s from %s: finished trials are kept, unfinished ones go on", sweep.name, experiment)
         return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True), True
-    tune_config = tune.TuneConfig(scheduler=_scheduler(file, base), max_concurrent_trials=sweep.max_concurrent_trials,
+    tune_config = tune.TuneConfig(scheduler=_scheduler(file, base), search_alg=search_algorithm(sweep),
                                   num_samples=sweep.num_samples)
     run_config = tune.RunConfig(name=sweep.name, storage_path=storage,
                                 failure_config=tune.FailureConfig(max_failures=sweep.max_trial_failures))

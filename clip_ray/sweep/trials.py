@@ -53,6 +53,13 @@ def param_space(sweep: SweepConfig, base: Config) -> dict:
     return {name: pick(values) for name, values in space_values(sweep, base).items()}
 
 
+def search_algorithm(sweep: SweepConfig):
+    """Tune's generator of the points, seeded so that a random search run again draws the same ones."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=sweep.max_concurrent_trials, random_state=sweep.seed)
+
+
 def trial_key(params: dict) -> str:
     """A readable name for a point of the space: w0.5-n12800-lr0.001."""
     return f"w{params['width_multiplier']:g}-n{int(params['samples_seen'])}-lr{params['lr']:g}"
