@@ -151,8 +151,9 @@ def test_bf16_autocast_is_close_to_fp32():
 
 
 def test_bf16_residual_stream_stays_bf16_and_norms_keep_float32_weights():
-    """Under autocast the norms compute in float32 but hand back bf16, so no block's output is float32
-    (a float32 stream would double the bytes every add and norm moves on a GPU)."""
+    """Under autocast no block's output is float32 (a float32 stream doubles the bytes every add and norm
+    moves). CUDA autocast runs layer_norm in float32, so there the norms must cast back; CPU autocast
+    leaves layer_norm alone, so on CPU this catches the text tower's float32 embeddings."""
     model = build_model(TINY_VIT)
     block_dtypes = []
     for block in [*model.visual.transformer.resblocks, *model.transformer.resblocks]:
