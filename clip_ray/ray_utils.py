@@ -14,6 +14,7 @@ Three situations, one rule each:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from typing import Iterator
@@ -45,6 +46,17 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, **init_
     return True
 
 
+def shutdown_ray() -> None:
+    """ray.shutdown(), after freeing this session's unreachable objects.
+
+    Ray Data leaves actor handles and ObjectRefs in reference cycles. Collected later,
+    in another session of the same process (a notebook, a test run), they would release
+    their references through that session's core worker.
+    """
+    gc.collect()
+    ray.shutdown()
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, **init_kwargs) -> Iterator[None]:
     """connect_ray for the length of a `with` block; disconnects (and stops a local cluster) only if it connected."""
@@ -53,7 +65,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, **init_
         yield
     finally:
         if connected_here:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def cluster_cpus() -> int:

@@ -20,6 +20,7 @@ from PIL import Image
 from clip_ray.config import SourceConfig
 from clip_ray.data.convert import ConvertOptions, convert
 from clip_ray.data.formats import DataError, list_shards, load_split, read_caption_csv, read_shard
+from clip_ray.ray_utils import shutdown_ray
 from tar_helpers import write_tar
 
 pytestmark = pytest.mark.shared_data
@@ -30,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def ray_cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

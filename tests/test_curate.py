@@ -6,7 +6,6 @@ import io
 import random
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -14,6 +13,7 @@ import ray
 from clip_ray.config import SourceConfig
 from clip_ray.data.curate import CurateOptions, QueryMatcher, cap_rank, curate
 from clip_ray.data.formats import list_shards, load_split, read_shard
+from clip_ray.ray_utils import shutdown_ray
 
 QUERIES = ["cat", "red car", "dog", "T-shirt", "ice cream", "bird", "zebra", "Dog", ""]
 
@@ -59,7 +59,7 @@ DOGS = ["s09", "s10", "s11", "s12"]
 def ray_cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

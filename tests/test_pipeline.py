@@ -30,6 +30,7 @@ from clip_ray.data.pipeline import (
 )
 from clip_ray.data.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor, normalize
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
+from clip_ray.ray_utils import shutdown_ray
 
 NUM_PHOTOS = 121  # x 5 captions = 605 samples: not a multiple of 2 or 3 workers
 IMAGE_SIZE = 32
@@ -42,7 +43,7 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

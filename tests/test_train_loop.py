@@ -18,6 +18,7 @@ from clip_ray.config import DemoDataConfig, load_config
 from clip_ray.data.formats import read_tar_shard
 from clip_ray.data.synthetic import generate_demo_data
 from clip_ray.model.tokenizer import train_bpe_tokenizer
+from clip_ray.ray_utils import shutdown_ray
 from clip_ray.train.checkpoint import find_latest_checkpoint, load_training_state
 from clip_ray.train.context import WorkerContext
 from clip_ray.train.loop import run_training
@@ -33,7 +34,7 @@ def demo(tmp_path_factory):
     train_bpe_tokenizer(captions, vocab_size=300).save(tokenizer)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield root, dataset, tokenizer
-    ray.shutdown()
+    shutdown_ray()
 
 
 def _config(demo, tmp_path, steps: int, **extra):

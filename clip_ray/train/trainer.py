@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,7 +217,13 @@ def train(config: Config, callbacks: list | None = None) -> TrainOutcome:
     log.info("%d worker(s) x %s; MLflow at %s", cluster.num_workers,
              f"{cluster.cpus_per_worker:g} CPU" + (f" + {cluster.gpus_per_worker:g} GPU" if cluster.use_gpu else ""),
              config.tracking.tracking_uri)
-    result = build_trainer(config, callbacks).fit()
+    # fit() on the main thread installs a Ctrl-C handler holding its controller and never takes it out.
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = build_trainer(config, callbacks).fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint_handler)
     return TrainOutcome(result=result, run_path=run.path, tracking_uri=config.tracking.tracking_uri,
                         resumed_from_step=resumed_from, moved_aside_to=moved_to,
                         summary=result.return_value or {})
