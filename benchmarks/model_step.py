@@ -184,7 +184,7 @@ def profile_steps(step, sync, on_gpu: bool, variant: str, out_dir: Path, steps: 
             step()
         sync()
     out_dir.mkdir(parents=True, exist_ok=True)
-    sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_key, row_limit=40, max_name_column_width=90)
     (out_dir / (variant.replace(" ", "_") + ".txt")).write_text(table)
     return kernel_breakdown(profiler, on_gpu)
