@@ -102,8 +102,9 @@ def test_compiled_training_follows_the_eager_run(demo, tmp_path):
     settings = {"train.eval_every": 0, "train.checkpoint_every": 0, "train.lr": 1e-3}
     compiled = {"train.compile": "true", "train.compile_mode": "max-autotune-no-cudagraphs"}
     weights, results = {}, {}
-    torch._dynamo.reset()
     for name, extra in {"eager": {}, "compiled": compiled}.items():
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # other tests in this process compiled graphs too
         context = WorkerContext(checkpoint_root=tmp_path / name)
         results[name] = run_training(_config(demo, tmp_path / name, steps=4, **settings, **extra), context)
         weights[name] = _final_weights(context.checkpoint_root)
