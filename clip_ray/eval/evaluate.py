@@ -68,6 +68,8 @@ class Evaluator:
             dataset = build_eval_dataset(self.config.data, self.image_size, self.context_length)
             if self.config.eval.max_val_samples:
                 dataset = dataset.limit(self.config.eval.max_val_samples)
+            # A pass over the held-out pairs takes seconds: its progress block would only say "0 rows".
+            dataset.context.enable_progress_bars = False
             self._val_dataset = dataset
         return self._val_dataset
 
