@@ -75,10 +75,10 @@ class DataConfig:
                self.max_failure_fraction, "must be in [0, 1]")
         check(self.preprocess_batch_size > 0, f"{key}.preprocess_batch_size", self.preprocess_batch_size,
                "must be positive")
-        check(self.progress_log_every_s >= 0, f"{key}.progress_log_every_s", self.progress_log_every_s,
-              "must be >= 0")
         check(self.preprocess_num_cpus > 0, f"{key}.preprocess_num_cpus", self.preprocess_num_cpus,
                "must be positive")
+        check(self.progress_log_every_s >= 0, f"{key}.progress_log_every_s", self.progress_log_every_s,
+              "must be >= 0")
 
 
 @dataclass

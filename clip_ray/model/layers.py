@@ -33,9 +33,10 @@ def activation_layer(name: str) -> nn.Module:
 class LayerNorm(nn.LayerNorm):
     """LayerNorm that hands back its input's dtype.
 
-    Autocast computes layer_norm in float32 and returns float32. With the plain
-    module the residual stream becomes float32 after the first norm, so every add
-    and norm under bf16 moves twice the bytes and the saved activations double.
+    CUDA autocast computes layer_norm in float32 and returns float32 (CPU autocast
+    leaves it alone). With the plain module the residual stream becomes float32 after
+    the first norm, so every add and norm under bf16 moves twice the bytes and the
+    saved activations double.
     Normalising in float32 and casting back keeps the stream in the compute dtype,
     as OpenAI's fp16 model did. Same parameters, same state-dict keys.
     """
