@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from clip_ray.config import DataConfig, SourceConfig  # noqa: E402
 from clip_ray.data.formats import BadSample, Sample, ShardWriter, read_caption_csv  # noqa: E402
-from clip_ray.data.preprocess import Preprocessor, normalize  # noqa: E402
+from clip_ray.data.stream.preprocess import Preprocessor, normalize  # noqa: E402
 from clip_ray.model.tokenizer import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def ray_config(shard_dir: str, batch_size: int, shuffle: int, uint8: bool) -> Da
 def ray_pass(shard_dir: str, size: int, batch_size: int, shuffle: int, uint8: bool) -> dict:
     """One epoch through clip-ray's pipeline, as a world-size-1 worker takes it (uint8 stays uint8: the GPU
     would normalise it)."""
-    from clip_ray.data.pipeline import build_train_dataset, iter_worker_batches, worker_shuffle_seed
+    from clip_ray.data.stream.pipeline import build_train_dataset, iter_worker_batches, worker_shuffle_seed
 
     cfg = ray_config(shard_dir, batch_size, shuffle, uint8)
     dataset = build_train_dataset(cfg, size, CONTEXT_LENGTH, epoch=0)

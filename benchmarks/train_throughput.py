@@ -1,6 +1,6 @@
 """Training samples/s of the whole clip-ray Ray job, side by side with a plain PyTorch loop.
 
-The Ray job is what `python jobs/train.py` runs: `clip_ray.train.trainer.train`,
+The Ray job is what `python jobs/train.py` runs: `clip_ray.driver.trainer.train`,
 a TorchTrainer whose workers train on a Ray Data stream that preprocesses the
 shards while they train. The plain loop is a process of its own, with no Ray in
 it, running clip_ray's TrainStep with the same model, optimiser, loss,
@@ -58,8 +58,8 @@ DEFAULT_CONFIG = REPO / "configs" / "demo-cpu.yaml"
 def bench_config(args, workdir: Path):
     """The config both sides train: the given YAML with timing-neutral settings, demo data filled in."""
     from clip_ray.config import load_config
-    from clip_ray.train.demo import prepare_demo
-    from clip_ray.train.inputs import prepare_config
+    from clip_ray.driver.demo import prepare_demo
+    from clip_ray.driver.prepare import prepare_job
 
     overrides = []
     if args.preset:
@@ -78,8 +78,9 @@ def bench_config(args, workdir: Path):
     config = load_config(args.config, overrides)
     if config.demo is not None:
         config, _ = prepare_demo(config, args.data_dir)
+        config.demo = None  # drawn: the runs below read its shards
     config.data.val, config.data.zeroshot_dir = [], None  # no final evaluation either
-    return prepare_config(config)  # trains the tokenizer once, for every run below
+    return prepare_job(config).config  # trains the tokenizer once, for every run below
 
 
 def with_workers(config, workers: int):
@@ -95,7 +96,7 @@ def with_workers(config, workers: int):
 @contextlib.contextmanager
 def ray_for(args, workers: int):
     """A local Ray sized for `workers` (or the cluster at --ray-address, as it is)."""
-    from clip_ray.ray_utils import ray_session
+    from clip_ray.ray_session import ray_session
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback cluster needs no token
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -134,7 +135,7 @@ def hold_batches(config, count: int, path: Path) -> int:
     import torch
     from ray.data import DataContext
 
-    from clip_ray.data.pipeline import build_train_dataset, train_batches
+    from clip_ray.data.stream.pipeline import build_train_dataset, train_batches
 
     cfg = config
     DataContext.get_current().enable_progress_bars = False
@@ -158,8 +159,8 @@ def plain_loop(config, batches_path: Path, warmup: int) -> dict:
 
     from clip_ray.loss import build_loss
     from clip_ray.model import build_model
-    from clip_ray.train.optim import build_optimizer, lr_at, make_grad_scaler, set_lr
-    from clip_ray.train.step import TrainStep
+    from clip_ray.worker.optim import build_optimizer, lr_at, make_grad_scaler, set_lr
+    from clip_ray.worker.step import TrainStep
 
     cfg = config
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
@@ -204,10 +205,11 @@ def ray_run(config, warmup: int) -> dict:
     """One whole job through `train`; its steady state from the samples/s rank 0 logged to MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from clip_ray.train.trainer import train
+    from clip_ray.driver.prepare import PreparedJob
+    from clip_ray.driver.trainer import train
 
     started = time.perf_counter()
-    outcome = train(config)
+    outcome = train(PreparedJob(config))  # with_workers changed only the worker count of a prepared config
     wall_s = time.perf_counter() - started
     history = MlflowClient(outcome.tracking_uri).get_metric_history(outcome.mlflow_run_id, "train/samples_per_s")
     rates = sorted((m.step, m.value) for m in history)

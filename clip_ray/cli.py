@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Sequence
 
-from clip_ray.config import ConfigError, SourceConfig
-from clip_ray.data.samples import DEFAULT_MAX_PIXELS
+from clip_ray.config import ConfigError, SourceConfig, load_config, load_sweep_config
+from clip_ray.data.formats.samples import DEFAULT_MAX_PIXELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +133,7 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from clip_ray.data.convert import ConvertOptions, convert
+    from clip_ray.data.offline.convert import ConvertOptions, convert
 
     options = ConvertOptions(
         samples_per_shard=args.samples_per_shard, output_format=args.output_format,
@@ -146,7 +146,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_curate(args: argparse.Namespace) -> int:
-    from clip_ray.data.curate import CurateOptions, curate
+    from clip_ray.data.offline.curate import CurateOptions, curate
 
     options = CurateOptions(
         max_per_query=args.max_per_query, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
@@ -162,7 +162,7 @@ def run_curate(args: argparse.Namespace) -> int:
 def _run_data_job(args: argparse.Namespace, name: str, job, summary_keys: Sequence[str]) -> int:
     """Runs `job()` on the Ray cluster of the arguments; a DataError is one line on stderr and exit 1."""
     from clip_ray.data.formats import DataError
-    from clip_ray.ray_utils import ray_session
+    from clip_ray.ray_session import ray_session
 
     with ray_session(args.ray_address, args.num_cpus):
         try:
@@ -201,23 +201,20 @@ def add_eval_commands(groups: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(run=run_eval)
 
 
-def _load_job_config(args: argparse.Namespace):
-    """The config of a train/eval command, demo data made where it has a demo section; ConfigError otherwise."""
-    from clip_ray.config import load_config
-    from clip_ray.train.demo import default_config_path, prepare_demo
+def prepare_job_of(args: argparse.Namespace):
+    """The prepared job of a train/eval command (clip_ray.driver.prepare): loaded, checked and
+    prepared here, once, before Ray starts; a bad value is a ConfigError naming its key."""
+    from clip_ray.driver.demo import default_config_path
+    from clip_ray.driver.prepare import prepare_job
 
-    config = load_config(args.config or default_config_path(), args.overrides)
-    dataset = None
-    if config.demo is not None:
-        config, dataset = prepare_demo(config, args.demo_data_dir)
-    return config, dataset
+    return prepare_job(load_config(args.config or default_config_path(), args.overrides), args.demo_data_dir)
 
 
 def print_train_summary(outcome, dataset=None) -> None:
     """What a person reads at the end of a job: before/after metrics, where the model and the run are."""
+    from clip_ray.driver.demo import demo_report
     from clip_ray.eval.report import metrics_table
-    from clip_ray.train.demo import demo_report
-    from clip_ray.train.trainer import mlflow_ui_hint
+    from clip_ray.tracking.run import mlflow_ui_hint
 
     summary = outcome.summary
     resumed = f" (resumed at step {outcome.resumed_from_step})" if outcome.resumed_from_step is not None else ""
@@ -234,39 +231,33 @@ def print_train_summary(outcome, dataset=None) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from clip_ray.ray_utils import ray_session
-    from clip_ray.train.inputs import check_inputs, prepare_config
-    from clip_ray.train.trainer import train
-
-    started = time.perf_counter()
-    config, dataset = _load_job_config(args)
-    config = prepare_config(config)
-    check_inputs(config)  # before Ray starts: a bad path costs a second, not a cluster start
     import ray.train
 
+    from clip_ray.driver.trainer import train
+    from clip_ray.ray_session import ray_session
+
+    started = time.perf_counter()
+    job = prepare_job_of(args)  # before Ray starts: a bad path costs a second, not a cluster start
     with ray_session(args.ray_address, args.num_cpus):
         try:
-            outcome = train(config)
+            outcome = train(job)
         except ray.train.TrainingFailedError as err:
             print(f"clip-ray train: training failed: {err}", file=sys.stderr)
             return 1
-    print_train_summary(outcome, dataset)
+    print_train_summary(outcome, job.demo)
     print(f"Wall time: {time.perf_counter() - started:.0f} s")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from clip_ray.driver.evaluate_model import evaluate_model
     from clip_ray.eval.report import metrics_table
-    from clip_ray.eval.standalone import evaluate_model
-    from clip_ray.ray_utils import ray_session
-    from clip_ray.train.inputs import check_inputs, prepare_config
+    from clip_ray.ray_session import ray_session
 
-    config, _ = _load_job_config(args)
-    config = prepare_config(config)
-    check_inputs(config)
+    job = prepare_job_of(args)
     with ray_session(args.ray_address, args.num_cpus):
         try:
-            metrics = evaluate_model(config, args.model)
+            metrics = evaluate_model(job.config, args.model)
         except FileNotFoundError as err:
             print(f"clip-ray eval: {err}", file=sys.stderr)
             return 2
@@ -292,9 +283,8 @@ def add_sweep_commands(groups: argparse._SubParsersAction) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from clip_ray.config import load_sweep_config
-    from clip_ray.ray_utils import ray_session
-    from clip_ray.sweep import run_sweep as run
+    from clip_ray.driver.sweep import run_sweep as run
+    from clip_ray.ray_session import ray_session
 
     started = time.perf_counter()
     file = load_sweep_config(args.config, args.overrides)

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real photos live, and how their absence is handled.
+"""Shared fixtures: where the real photos live, and how their absence is handled; a local Ray cluster.
 
 Tests that read ../shared/data skip with a reason in a user's fresh clone; CI sets
 CLIP_RAY_REQUIRE_SHARED=1 so the same absence is a failure there.
@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CLIP_RAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
@@ -58,3 +58,33 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ray.init arguments of `ray_cluster`; a module's RAY_INIT_KWARGS is laid over them.
+DEFAULT_RAY_INIT_KWARGS = {"num_cpus": 4, "include_dashboard": False}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request):
+    """A fresh local Ray cluster for the module: `ray.init(address="local", ...)`, never an existing
+    cluster, stopped at the module's end with clip_ray.ray_session.shutdown_ray (gc, then ray.shutdown),
+    so the next module in the same pytest process starts its own.
+
+    ray.init gets DEFAULT_RAY_INIT_KWARGS (4 CPUs, no dashboard) updated with the requesting
+    module's optional `RAY_INIT_KWARGS` dict, e.g. in the test module:
+
+        RAY_INIT_KWARGS = {"num_cpus": 2, "log_to_driver": False}
+        pytestmark = pytest.mark.usefixtures("ray_cluster")  # every test of the module, as autouse would
+
+    `address` cannot be overridden: these tests always run on their own local cluster.
+    """
+    import ray
+
+    from clip_ray.ray_session import shutdown_ray
+
+    overrides = getattr(request.module, "RAY_INIT_KWARGS", {})
+    if "address" in overrides:
+        raise ValueError(f"{request.module.__name__}.RAY_INIT_KWARGS may not set 'address': ray_cluster is local only")
+    ray.init(address="local", **{**DEFAULT_RAY_INIT_KWARGS, **overrides})
+    yield
+    shutdown_ray()

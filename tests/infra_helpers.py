@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from repo_paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 INFRA = REPO_ROOT / "infra"
 # The image every Kubernetes manifest and cluster launcher config runs: one tag, bumped together.
 IMAGE = "registry.example.com/clip-ray:0.1.0"

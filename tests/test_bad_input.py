@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tar_helpers import write_tar
 
 from clip_ray.data.formats import (
-    BadSample, DataError, FailureCounts, FailureReason, ParquetWriter, ShardWriter, check_failure_rate,
-    decode_caption, decode_image, decode_samples, load_split, read_caption_csv, read_coco_captions,
-    read_image_folder, read_parquet_file, read_tar_shard,
+    BadSample, DataError, FailureCounts, FailureReason, ParquetWriter, ShardWriter, check_failure_rate, decode_caption,
+    decode_image, decode_samples, load_split, read_caption_csv, read_coco_captions, read_image_folder,
+    read_parquet_file, read_tar_shard,
 )
-from tar_helpers import write_tar
 
 pytestmark = pytest.mark.shared_data
 R = FailureReason

@@ -17,22 +17,12 @@ import torch.multiprocessing as mp
 from clip_ray.config import Config, ModelConfig, TextConfig, TrainConfig, VisionConfig
 from clip_ray.loss import ClipLoss
 from clip_ray.model import build_model, build_model_from_state_dict, clamp_logit_scale
-from clip_ray.train.checkpoint import (
-    MANIFEST_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    IncompleteCheckpointError,
-    capture_rng_state,
-    export_openai_state_dict,
-    find_latest_checkpoint,
-    gather_rng_states,
-    load_model_from_checkpoint,
-    load_training_state,
-    restore_rng_state,
-    restore_training_state,
-    save_training_state,
+from clip_ray.worker.checkpoint import (
+    MANIFEST_FILE, MODEL_FILE, STATE_FILE, IncompleteCheckpointError, capture_rng_state, export_openai_state_dict,
+    find_latest_checkpoint, gather_rng_states, load_model_from_checkpoint, load_training_state, restore_rng_state,
+    restore_training_state, save_training_state,
 )
-from clip_ray.train.optim import build_optimizer, clip_gradients, lr_at, make_grad_scaler, set_lr
+from clip_ray.worker.optim import build_optimizer, clip_gradients, lr_at, make_grad_scaler, set_lr
 
 # One head width (16) everywhere, so build_model_from_state_dict's single head_width rebuilds both towers.
 TEXT = TextConfig(context_length=8, vocab_size=32, width=32, layers=1, head_width=16)

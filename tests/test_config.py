@@ -3,7 +3,7 @@
 import pytest
 
 from clip_ray.config import Config, ConfigError, load_config, to_dict
-from clip_ray.dataclass_io import from_dict
+from clip_ray.config.dataclass_io import from_dict
 
 
 def test_preset_with_nested_overrides_and_set(tmp_path):

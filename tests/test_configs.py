@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO_ROOT
 
 from clip_ray.config import load_config
+from clip_ray.driver.prepare import prepare_job
 from clip_ray.model.tokenizer import load_tokenizer
-from clip_ray.train.inputs import check_inputs, prepare_config
-from train_job_helpers import REPO_ROOT
 
 # Training job configs; a sweep's file (sweep-*.yaml) has its own schema and tests.
 CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith("sweep-"))
@@ -54,8 +54,7 @@ def test_cluster_configs_follow_the_paper(name, preset):
 def test_flickr8k_config_paths_resolve_from_the_repository_root(flickr8k_dir, cifar10_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # relative paths resolve against the working directory
     config = load_config("configs/flickr8k-cpu.yaml", [f"cluster.storage_path={tmp_path}"])
-    prepared = prepare_config(config)  # trains the 'bpe:4096' tokenizer on the training captions
-    check_inputs(prepared)
+    prepared = prepare_job(config).config  # trains the 'bpe:4096' tokenizer on the training captions; checks inputs
     assert Path(prepared.data.train[0].path).resolve() == flickr8k_dir.resolve()
     assert Path(prepared.data.val[0].path).resolve() == flickr8k_dir.resolve()
     assert prepared.data.train[0].split_file == "splits/train.txt"
@@ -65,4 +64,4 @@ def test_flickr8k_config_paths_resolve_from_the_repository_root(flickr8k_dir, ci
     assert Path(prepared.data.tokenizer).parent == tmp_path / "tokenizers"
     assert 1000 < tokenizer.vocab_size <= prepared.model.text.vocab_size
     # The same config finds the same tokenizer instead of training another.
-    assert prepare_config(config).data.tokenizer == prepared.data.tokenizer
+    assert prepare_job(config).config.data.tokenizer == prepared.data.tokenizer

@@ -14,24 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from PIL import Image
-
-from clip_ray.config import SourceConfig
-from clip_ray.data.convert import ConvertOptions, convert
-from clip_ray.data.formats import DataError, list_shards, load_split, read_caption_csv, read_shard
-from clip_ray.ray_utils import shutdown_ray
+from repo_paths import REPO_ROOT
 from tar_helpers import write_tar
 
-pytestmark = pytest.mark.shared_data
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from clip_ray.config import SourceConfig
+from clip_ray.data.formats import DataError, list_shards, load_split, read_caption_csv, read_shard
+from clip_ray.data.offline.convert import ConvertOptions, convert
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    shutdown_ray()
+pytestmark = [pytest.mark.shared_data, pytest.mark.usefixtures("ray_cluster")]  # conftest: 4 CPUs, local
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ import tarfile
 import time
 
 import pytest
-import ray
 
 from clip_ray.config import SourceConfig
-from clip_ray.data.curate import CurateOptions, QueryMatcher, cap_rank, curate
 from clip_ray.data.formats import list_shards, load_split, read_shard
-from clip_ray.ray_utils import shutdown_ray
+from clip_ray.data.offline.curate import CurateOptions, QueryMatcher, cap_rank, curate
 
 QUERIES = ["cat", "red car", "dog", "T-shirt", "ice cream", "bird", "zebra", "Dog", ""]
 
@@ -53,13 +51,6 @@ PAIRS = {
 ALWAYS_KEPT = {"s00": "cat", "s01": "cat", "s05": "red car", "s06": "red car", "s14": "T-shirt",
                "s15": "T-shirt", "s16": "ice cream", "s26": "ice cream", "s27": "bird"}
 DOGS = ["s09", "s10", "s11", "s12"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from clip_ray.data.formats import (
-    FailureCounts, MixSource, ParquetWriter, Sample, ShardWriter, expand_shard_pattern, list_image_folder,
-    list_shards, load_caption_csv, load_split, plan_mixture, read_caption_csv, read_coco_captions,
-    read_image_folder, read_parquet_file, read_shard, read_tar_shard,
+    FailureCounts, ParquetWriter, Sample, ShardWriter, expand_shard_pattern, list_image_folder, list_shards,
+    load_caption_csv, load_split, read_caption_csv, read_coco_captions, read_image_folder, read_parquet_file,
+    read_shard, read_tar_shard,
 )
+from clip_ray.data.stream.mixing import MixSource, plan_mixture
 
 pytestmark = pytest.mark.shared_data
 

@@ -20,7 +20,6 @@ import kubernetes_validate
 import pytest
 import ray
 import yaml
-
 from infra_helpers import IMAGE, INFRA, REPO_ROOT, documents
 
 K8S = INFRA / "k8s"

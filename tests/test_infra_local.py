@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL = REPO_ROOT / "infra" / "local"
 VENV_BIN = Path(sys.executable).parent
 SCRIPTS = sorted(LOCAL.glob("*.sh"))

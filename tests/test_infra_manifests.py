@@ -15,18 +15,17 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
+from infra_helpers import IMAGE, INFRA, REPO_ROOT, documents
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-from infra_helpers import IMAGE, INFRA, REPO_ROOT, documents
 
 CLUSTER = INFRA / "cluster"
 DOCKER = INFRA / "docker"

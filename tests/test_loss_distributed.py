@@ -15,9 +15,9 @@ import multiprocessing
 import pytest
 import torch
 import torch.multiprocessing as mp
+from distributed_workers import global_batch, gradients, loss_equivalence_worker, tiny_model
 
 from clip_ray.loss import build_loss
-from distributed_workers import global_batch, gradients, loss_equivalence_worker, tiny_model
 
 pytestmark = pytest.mark.timeout(180)
 

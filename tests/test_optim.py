@@ -11,15 +11,9 @@ import torch
 
 from clip_ray.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from clip_ray.model import build_model
-from clip_ray.train.optim import (
-    autocast_context,
-    build_optimizer,
-    clip_gradients,
-    lr_at,
-    make_grad_scaler,
-    param_groups,
-    set_lr,
-    split_decay_names,
+from clip_ray.model.precision import autocast_context
+from clip_ray.worker.optim import (
+    build_optimizer, clip_gradients, lr_at, make_grad_scaler, param_groups, set_lr, split_decay_names,
 )
 
 TEXT = TextConfig(context_length=8, vocab_size=32, width=16, layers=1, head_width=8)

@@ -19,31 +19,30 @@ import ray
 import torch
 
 from clip_ray.config import DataConfig, SourceConfig
-from clip_ray.data import pipeline
+from clip_ray.data.stream import pipeline
 from clip_ray.data.formats import (
     DataError, FailureCounts, ShardWriter, list_shards, load_split, read_caption_csv, read_shard,
 )
-from clip_ray.data.failure_tracker import FailureTracker, train_stream
-from clip_ray.data.pipeline import (
+from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
+from clip_ray.data.stream.pipeline import (
     build_eval_dataset, build_train_dataset, eval_batches, ingest_options, iter_worker_batches, split_for_workers,
     train_batches, unit_key,
 )
-from clip_ray.data.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor, normalize
+from clip_ray.data.stream.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor, normalize
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
-from clip_ray.ray_utils import shutdown_ray
 
 NUM_PHOTOS = 121  # x 5 captions = 605 samples: not a multiple of 2 or 3 workers
 IMAGE_SIZE = 32
 CONTEXT_LENGTH = 20
 BATCH = 32
+# For conftest's ray_cluster (laid over its defaults; the dashboard stays off).
+RAY_INIT_KWARGS = {"num_cpus": 2, "configure_logging": False, "log_to_driver": False}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+def local_ray(ray_cluster):
+    """Every test runs on conftest's local Ray cluster, with Ray Data's progress bars off."""
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from clip_ray.data.formats import FailureCounts, FailureReason, Sample, load_split
-from clip_ray.data.preprocess import (
-    CLIP_MEAN, CLIP_STD, CROP_RATIO, Preprocessor, center_square_box, draft_size_for, normalize,
-    normalize_on_device, random_resized_crop_box, sample_rng,
+from clip_ray.data.stream.preprocess import (
+    CLIP_MEAN, CLIP_STD, CROP_RATIO, Preprocessor, center_square_box, draft_size_for, normalize, normalize_on_device,
+    random_resized_crop_box, sample_rng,
 )
 from clip_ray.model.tokenizer import train_bpe_tokenizer
 

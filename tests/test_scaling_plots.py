@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from repo_paths import REPO_ROOT
 
 from clip_ray.scaling import REPORT_FILE, analyze, format_summary
 from clip_ray.scaling.fit import bootstrap_power_law, pareto_frontier
 from clip_ray.scaling.parametric import ComputeRelation, ParametricLoss, compute_optimal
 from clip_ray.scaling.plots import plot_error_vs_compute, plot_isoflops, plot_learning_curves, plot_optimal_size
 
-REPO = Path(__file__).resolve().parent.parent
 LAW = ParametricLoss(E=1.5, A=40.0, B=60.0, a=0.3, b=0.3)
 FAST_FIT = {"max_starts": 6}  # the default 64 starts cost seconds; these data need few
 
@@ -166,9 +166,9 @@ def test_cli_on_a_sweep_directory(sweep, tmp_path):
     curves.to_csv(sweep_dir / "curves.csv", index=False)
     out = tmp_path / "out"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "tune" / "analyze.py"), str(sweep_dir), "--out", str(out),
+        [sys.executable, str(REPO_ROOT / "tune" / "analyze.py"), str(sweep_dir), "--out", str(out),
          "--metric", "val/loss", "--metric", "zeroshot/top1", "--budget", "1e16", "--n-boot", "50"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.count("power law on the frontier") == 2
     for folder in ("val_loss", "zeroshot_top1"):
@@ -184,8 +184,8 @@ def test_cli_on_a_csv_file_defaults_beside_it(sweep, tmp_path):
     results = tmp_path / "results.csv"
     trials.to_csv(results, index=False)
     completed = subprocess.run(
-        [sys.executable, str(REPO / "tune" / "analyze.py"), str(results), "--n-boot", "20", "--holdout", "1"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [sys.executable, str(REPO_ROOT / "tune" / "analyze.py"), str(results), "--n-boot", "20", "--holdout", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr
     saved = json.loads((tmp_path / "analysis" / REPORT_FILE).read_text())
     assert saved["metric"] == "val_loss" and saved["extrapolation"]["n_held_out"] == 1

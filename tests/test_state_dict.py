@@ -11,11 +11,7 @@ from open_clip.model import CLIP as OpenCLIP
 
 from clip_ray.config import ModelConfig, TextConfig, VisionConfig
 from clip_ray.model import (
-    build_model,
-    build_model_from_state_dict,
-    get_preset,
-    list_presets,
-    model_config_from_state_dict,
+    build_model, build_model_from_state_dict, get_preset, list_presets, model_config_from_state_dict,
 )
 
 SMALL_VIT = ModelConfig(

@@ -27,11 +27,12 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from repo_paths import REPO_ROOT
+from train_job_helpers import TINY_DEMO, tiny_config, write_config
 
 from clip_ray.config import ConfigError, load_sweep_config
+from clip_ray.driver.sweep.trials import param_space, search_algorithm, space_values, trial_config, trial_key
 from clip_ray.model import model_stats, scale_model
-from clip_ray.sweep.trials import param_space, search_algorithm, space_values, trial_config, trial_key
-from train_job_helpers import REPO_ROOT, TINY_DEMO, tiny_config, write_config
 
 BATCH = 32
 BUDGET = 1e13  # FLOPs: thousands of times the largest trial of the grid sweep

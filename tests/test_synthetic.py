@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from clip_ray.config import ConfigError, DemoDataConfig, from_dict
+from clip_ray.data.demo.scenes import COLOUR_WORDS, HUES, SHAPE_WORDS, caption_scene, render_scene
+from clip_ray.data.demo.synthetic import generate_demo_data
 from clip_ray.data.formats import read_tar_shard
-from clip_ray.data.scenes import COLOUR_WORDS, HUES, SHAPE_WORDS, caption_scene, render_scene
-from clip_ray.data.synthetic import generate_demo_data
 from clip_ray.eval.templates import load_class_names
 
 TINY = dict(image_size=64, num_train=600, num_val=150, num_zeroshot_per_class=3, samples_per_shard=250)

@@ -12,12 +12,7 @@ import pytest
 import torch
 
 from clip_ray.model.tokenizer import (
-    CLIP_WORD_PATTERN,
-    ClipTokenizer,
-    TrainedBpeTokenizer,
-    clean_text,
-    load_tokenizer,
-    train_bpe_tokenizer,
+    CLIP_WORD_PATTERN, ClipTokenizer, TrainedBpeTokenizer, clean_text, load_tokenizer, train_bpe_tokenizer,
 )
 
 ODD_TEXTS = [

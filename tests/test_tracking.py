@@ -23,12 +23,13 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from PIL import Image
 
-from clip_ray.config import (Config, DataConfig, DemoDataConfig, ModelConfig, SourceConfig, TextConfig, TrackingConfig,
-                             VisionConfig, to_dict)
+from clip_ray.config import (
+    Config, DataConfig, DemoDataConfig, ModelConfig, SourceConfig, TextConfig, TrackingConfig, VisionConfig, to_dict,
+)
 from clip_ray.model import build_model
-from clip_ray.plots import plot_history
-from clip_ray.tracking import NullTracker, Tracker, mlflow_metric_name
-from clip_ray.tracking_run import flatten_params, resolve_tracking_uri
+from clip_ray.tracking.figures import plot_history
+from clip_ray.tracking.run import flatten_params, resolve_tracking_uri
+from clip_ray.tracking.tracker import NullTracker, Tracker, mlflow_metric_name
 
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 TINY = ModelConfig(embed_dim=24, text=TextConfig(context_length=16, vocab_size=100, width=32, layers=2, head_width=16),
@@ -222,7 +223,7 @@ def test_server_down_at_start_and_in_the_middle_loses_nothing(migrated_db, tmp_p
                           tmp_path / "server.log")
     run_config = tiny_run_config()
     config = TrackingConfig(tracking_uri=uri, experiment="outage", log_system_metrics=False, retry_interval_s=1.0)
-    caplog.set_level(logging.WARNING, logger="clip_ray.tracking")
+    caplog.set_level(logging.WARNING, logger="clip_ray.tracking.tracker")
 
     def outage_warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if "not reachable" in r.getMessage()]

@@ -24,16 +24,17 @@ import pytest
 import ray
 import torch
 from mlflow import MlflowClient
+from repo_paths import REPO_ROOT
+from train_job_helpers import TINY_DEMO, free_port, tiny_config, write_config
 
 from clip_ray.cli import main
 from clip_ray.config import Config, from_dict, load_config
+from clip_ray.driver.demo import demo_report, prepare_demo
+from clip_ray.driver.evaluate_model import evaluate_model
+from clip_ray.driver.prepare import prepare_job
 from clip_ray.eval.report import metrics_table
-from clip_ray.eval.standalone import evaluate_model
 from clip_ray.model.tokenizer import train_bpe_tokenizer
-from clip_ray.model_export import process_tracking_uri as _process_tracking_uri
-from clip_ray.train.demo import demo_report, prepare_demo
-from clip_ray.train.inputs import prepare_config
-from train_job_helpers import REPO_ROOT, TINY_DEMO, free_port, tiny_config, write_config
+from clip_ray.tracking.export import process_tracking_uri as _process_tracking_uri
 
 # --------------------------------------------------------------------------- config errors
 
@@ -225,6 +226,9 @@ def test_ray_job_submit_trains_the_demo_and_mlflow_has_the_run(ray_head, tmp_pat
 
     # What a person follows in the job's log.
     assert "starting fresh run e2e" in output and "2 worker(s) x 0.5 CPU" in output
+    # The config was prepared once, on the driver: one tokenizer trained, never looked up again.
+    assert output.count("job e2e prepared:") == 1 and output.count("-token BPE on ") == 1, output[-5000:]
+    assert "reusing tokenizer" not in output
     assert all(f"step {step}/{steps} epoch 0 | loss" in output for step in range(1, steps + 1))
     # Ray Data's progress, as text blocks from the stream rank 0 built (its split's coordinator).
     assert "Total Progress:" in output and "Running Dataset" in output
@@ -244,8 +248,7 @@ def test_ray_job_submit_trains_the_demo_and_mlflow_has_the_run(ray_head, tmp_pat
     assert sorted(m.step for m in client.get_metric_history(run_id, "zeroshot/top1")) == [0, steps]
 
     # The logged model loads with mlflow.pytorch alone and scores like the checkpoint it came from.
-    eval_config, _ = prepare_demo(load_config(config_file), data_dir)
-    eval_config = prepare_config(eval_config)
+    eval_config = prepare_job(load_config(config_file), data_dir).config
     eval_config.data.val = []  # zero-shot only: no Ray Data needed in this process
     with _process_tracking_uri(mlflow_uri):
         import mlflow.pytorch

@@ -11,30 +11,29 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from clip_ray.config import DemoDataConfig, load_config
+from clip_ray.data.demo.synthetic import generate_demo_data
 from clip_ray.data.formats import read_tar_shard
-from clip_ray.data.synthetic import generate_demo_data
 from clip_ray.model.tokenizer import train_bpe_tokenizer
-from clip_ray.ray_utils import shutdown_ray
-from clip_ray.train.checkpoint import find_latest_checkpoint, load_training_state
-from clip_ray.train.context import WorkerContext
-from clip_ray.train.loop import run_training
+from clip_ray.worker.checkpoint import find_latest_checkpoint, load_training_state
+from clip_ray.worker.context import WorkerContext
+from clip_ray.worker.loop import run_training
+
+
+RAY_INIT_KWARGS = {"num_cpus": 2, "log_to_driver": False}  # for conftest's ray_cluster
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, ray_cluster):
     root = tmp_path_factory.mktemp("demo")
     dataset = generate_demo_data(root, DemoDataConfig(image_size=32, num_train=480, num_val=64,
                                                       num_zeroshot_per_class=4, samples_per_shard=80))
     captions = [s.caption for shard in dataset.train_shards for s in read_tar_shard(shard)]
     tokenizer = root / "tokenizer.json"
     train_bpe_tokenizer(captions, vocab_size=300).save(tokenizer)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield root, dataset, tokenizer
-    shutdown_ray()
+    return root, dataset, tokenizer
 
 
 def _config(demo, tmp_path, steps: int, **extra):

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from clip_ray.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
 from clip_ray.loss import build_loss
 from clip_ray.model import build_model
-from clip_ray.train.optim import build_optimizer, make_grad_scaler
-from clip_ray.train.step import NonFiniteLossError, TrainStep
+from clip_ray.worker.optim import build_optimizer, make_grad_scaler
+from clip_ray.worker.step import NonFiniteLossError, TrainStep
 
 TINY_VIT = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
                        text=TextConfig(context_length=8, vocab_size=64, width=32, layers=1, head_width=16))

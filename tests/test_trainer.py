@@ -22,12 +22,13 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from repo_paths import REPO_ROOT
+from train_job_helpers import free_port, tiny_config, tiny_demo_config
 
 from clip_ray.config import Config, from_dict, load_config, to_dict
-from clip_ray.train.demo import prepare_demo
-from clip_ray.train.inputs import prepare_config
-from clip_ray.train.trainer import RAY_SNAPSHOT_FILE, RunDirectory, build_trainer
-from train_job_helpers import REPO_ROOT, free_port, tiny_config, tiny_demo_config
+from clip_ray.driver.demo import prepare_demo
+from clip_ray.driver.prepare import PreparedJob, prepare_job
+from clip_ray.driver.trainer import RAY_SNAPSHOT_FILE, RunDirectory, build_trainer
 
 STEPS = 12
 
@@ -44,8 +45,9 @@ def job_config(workspace, run_name: str, steps: int = STEPS, **sections) -> Conf
     raw = tiny_config(workspace["storage"], run_name, steps, workspace["mlflow"], **sections)
     raw["demo"] = vars(tiny_demo_config())
     config, _ = prepare_demo(from_dict(Config, raw), workspace["demo_data"])
+    config.demo = None  # drawn: the job trains on its shards, and nothing fills data.val again
     config.data.val, config.data.zeroshot_dir = [], None
-    return prepare_config(config)
+    return prepare_job(config).config
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -186,7 +188,7 @@ def test_rerunning_a_run_resumes_it_and_fresh_start_moves_it_aside(killed_run, w
 @pytest.mark.parametrize("name", ["vit-b32-cluster.yaml", "rn50-cluster.yaml"])
 def test_cluster_presets_assemble_into_the_trainer_they_describe(name):
     config = load_config(REPO_ROOT / "configs" / name)
-    trainer = build_trainer(config)
+    trainer = build_trainer(PreparedJob(config))
     scaling, run = trainer.scaling_config, trainer.run_config
     assert scaling.num_workers == 64 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 2, "GPU": 1}
@@ -194,12 +196,13 @@ def test_cluster_presets_assemble_into_the_trainer_they_describe(name):
     # No score attribute: Ray keeps the latest num_to_keep checkpoints, in the order reported.
     assert run.checkpoint_config.num_to_keep == 3 and run.checkpoint_config.checkpoint_score_attribute is None
     assert run.failure_config.max_failures == 10
-    shipped = from_dict(Config, trainer.train_loop_config["config"])
+    shipped = trainer.train_loop_config["config"]
+    assert isinstance(shipped, Config), "the workers get the prepared Config itself, nothing to parse or check"
     assert shipped.train.global_batch_size == 32768 and shipped.model == config.model
 
 
 def test_fractional_cpus_reach_the_workers(tmp_path):
     config = load_config(REPO_ROOT / "configs" / "demo-cpu.yaml",
                          ["cluster.cpus_per_worker=0.5", "cluster.num_workers=2", f"data.tokenizer={tmp_path}/t.json"])
-    scaling = build_trainer(config).scaling_config
+    scaling = build_trainer(PreparedJob(config)).scaling_config
     assert scaling.num_workers == 2 and scaling.resources_per_worker == {"CPU": 0.5}

@@ -10,8 +10,6 @@ import yaml
 
 from clip_ray.config import DemoDataConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 # Few hundred 32-px scenes: drawn in a second or two.
 TINY_DEMO = {"image_size": 32, "num_train": 480, "num_val": 64, "num_zeroshot_per_class": 4,
              "samples_per_shard": 80}

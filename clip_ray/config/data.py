@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from clip_ray.dataclass_io import check
+from clip_ray.config.dataclass_io import check
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DataConfig:
     zeroshot_dir: str | None = None
     # A trained tokenizer.json, CLIP's bpe_simple_vocab_16e6.txt.gz, or 'bpe:N': a byte-level
     # BPE of at most N tokens trained on the train captions by the driver before the workers
-    # start, kept under <cluster.storage_path>/tokenizers/ and reused (clip_ray.train.inputs).
+    # start, kept under <cluster.storage_path>/tokenizers/ and reused (clip_ray.driver.prepare).
     tokenizer: str = ""
     # Random-resized-crop area range for training; evaluation resizes and centre-crops.
     crop_scale: tuple[float, float] = (0.9, 1.0)
@@ -81,9 +81,14 @@ class DataConfig:
               "must be >= 0")
 
 
+# The words the demo scenes can draw (clip_ray.data.demo.scenes keys its tables by them).
+DEMO_COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+DEMO_SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond")
+
+
 @dataclass
 class DemoDataConfig:
-    """Drawn demo data (clip_ray.data.synthetic): the same config always gives the same bytes.
+    """Drawn demo data (clip_ray.data.demo.synthetic): the same config always gives the same bytes.
 
     Classes are colour x shape pairs; some are held out of training so zero-shot
     accuracy on them measures composition of words seen only apart.
@@ -125,15 +130,12 @@ class DemoDataConfig:
         return [(colour, shape) for colour, shape in self.combos() if f"{colour} {shape}" not in held_out]
 
     def validate(self, key: str = "demo") -> None:
-        # Imported here so this module stays importable without PIL; it knows the colour and shape words.
-        from clip_ray.data.scenes import HUES, SHAPE_WORDS
-
         check(16 <= self.image_size <= 512, f"{key}.image_size", self.image_size, "must be in [16, 512]")
         for name in ("num_train", "num_val", "num_zeroshot_per_class", "samples_per_shard"):
             check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
         check(self.num_workers >= 0, f"{key}.num_workers", self.num_workers, "must be 0 (one per CPU) or more")
         check(1 <= self.jpeg_quality <= 100, f"{key}.jpeg_quality", self.jpeg_quality, "must be in [1, 100]")
-        for name, known in (("colours", HUES), ("shapes", SHAPE_WORDS)):
+        for name, known in (("colours", DEMO_COLOURS), ("shapes", DEMO_SHAPES)):
             names = getattr(self, name)
             check(len(names) >= 2 and set(names) <= set(known) and len(set(names)) == len(names),
                    f"{key}.{name}", names, f"need two or more distinct names from {', '.join(known)}")

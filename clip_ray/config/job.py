@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from clip_ray.config.data import DataConfig, DemoDataConfig
+from clip_ray.config.dataclass_io import ConfigError, apply_override, check, deep_merge, from_dict, load_yaml, to_dict
 from clip_ray.config.model import ModelConfig
-from clip_ray.dataclass_io import ConfigError, apply_override, check, deep_merge, from_dict, load_yaml, to_dict
+from clip_ray.config.presets import get_preset
 
 
 @dataclass
@@ -171,8 +172,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         apply_override(data, assignment)
     model = data.get("model")
     if isinstance(model, dict) and "preset" in model:
-        from clip_ray.model.presets import get_preset  # the presets module imports this one
-
         try:
             base = to_dict(get_preset(model["preset"]))
         except (KeyError, ValueError) as err:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from clip_ray.dataclass_io import check
+from clip_ray.config.dataclass_io import check
 
 
 @dataclass

@@ -11,7 +11,7 @@ A sweep file names its base job and the axes:
 
 Every trial is the base job with its model scaled (clip_ray.model.scale_model),
 train.steps = samples_seen / global_batch_size, and, when `lrs` is given, its
-learning rate. See clip_ray.sweep for how trials run.
+learning rate. See clip_ray.driver.sweep for how trials run.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from clip_ray.config.dataclass_io import ConfigError, apply_override, check, from_dict, load_yaml
 from clip_ray.config.job import Config, load_config
-from clip_ray.dataclass_io import ConfigError, apply_override, check, from_dict, load_yaml
 
 
 @dataclass

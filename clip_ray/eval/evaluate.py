@@ -21,12 +21,13 @@ from torch import nn
 
 from clip_ray.config import Config
 from clip_ray.data.formats import BadSample, FailureCounts, Sample, read_image_folder
-from clip_ray.data.preprocess import Preprocessor, normalize
+from clip_ray.data.stream.pipeline import build_eval_dataset, eval_batches
+from clip_ray.data.stream.preprocess import Preprocessor, normalize
 from clip_ray.eval.retrieval import retrieval_recall
 from clip_ray.eval.templates import load_class_names, load_templates
 from clip_ray.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_ray.loss import build_loss
-from clip_ray.train.optim import autocast_context
+from clip_ray.model.precision import autocast_context
 
 
 class Evaluator:
@@ -63,8 +64,6 @@ class Evaluator:
 
     def val_dataset(self):
         if self._val_dataset is None and self.config.data.val:
-            from clip_ray.data.pipeline import build_eval_dataset  # needs Ray; zero-shot alone does not
-
             dataset = build_eval_dataset(self.config.data, self.image_size, self.context_length)
             if self.config.eval.max_val_samples:
                 dataset = dataset.limit(self.config.eval.max_val_samples)
@@ -78,8 +77,6 @@ class Evaluator:
     @torch.no_grad()
     def validation(self, model: nn.Module) -> dict[str, float]:
         """Validation loss at the fixed batch size, and retrieval recall, over data.val."""
-        from clip_ray.data.pipeline import eval_batches
-
         dataset = self.val_dataset()
         if dataset is None:
             return {}

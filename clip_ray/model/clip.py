@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip_ray.config import ModelConfig, TextConfig, VisionConfig
-from clip_ray.model.presets import get_preset
+from clip_ray.config.presets import get_preset
 from clip_ray.model.resnet import ModifiedResNet
 from clip_ray.model.text import TextTransformer
 from clip_ray.model.vit import VisionTransformer
@@ -67,20 +67,21 @@ class CLIP(TextTransformer):
                           self.logit_bias)
 
 
-def _unwrap(model: nn.Module) -> CLIP:
-    """The CLIP inside a DistributedDataParallel (`.module`) or torch.compile (`._orig_mod`) wrapper."""
-    while not isinstance(model, CLIP):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            raise TypeError(f"{type(model).__name__} is not a CLIP model or a wrapper around one")
-        model = inner
-    return model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 @torch.no_grad()
 def clamp_logit_scale(model: nn.Module) -> None:
     """Keeps the learned temperature in [0, max_logit_scale]; call after every optimiser step."""
-    clip = _unwrap(model)
+    clip = unwrap_model(model)
     clip.logit_scale.clamp_(0, clip.config.max_logit_scale)
 
 

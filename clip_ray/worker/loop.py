@@ -1,0 +1,285 @@
+"""The per-worker training function: a plain function of the config.
+
+Ray Train runs it on every worker through clip_ray.worker.entry.train_worker; a
+test can call `run_training` in-process with a `WorkerContext` (world size 1).
+One pass of the loop is:
+
+    epoch e: rank 0 builds the epoch's Ray Data stream (shard order seeded by
+             (seed, e)), splits it and hands each rank its iterator
+    each batch: train_step (DDP, global-batch loss, accumulation) -> log_step ->
+             maybe evaluate (rank 0) -> maybe checkpoint (ray.train.report)
+
+Exact resume: a checkpoint stores the DataPosition (step, epoch, batches this
+epoch already consumed) plus every RNG. A resumed worker rebuilds the same epoch
+stream and skips that many batches, so it continues with the batch that would
+have come next.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from clip_ray.config import Config, to_dict
+from clip_ray.data.formats import DataError, FailureCounts
+from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
+from clip_ray.data.stream.pipeline import build_train_dataset, split_for_workers, train_batches
+from clip_ray.eval.evaluate import Evaluator
+from clip_ray.loss import build_loss
+from clip_ray.model import CLIP, build_model
+from clip_ray.model.tokenizer import Tokenizer, load_tokenizer
+from clip_ray.tracking.tracker import NullTracker, tracker_for_rank
+from clip_ray.worker.checkpoint import (
+    gather_rng_states, load_training_state, restore_training_state, save_training_state,
+)
+from clip_ray.worker.context import WorkerContext
+from clip_ray.worker.optim import build_optimizer, lr_at, make_grad_scaler, set_lr
+from clip_ray.worker.position import DataPosition
+from clip_ray.worker.step import StepResult, TrainStep
+
+log = logging.getLogger("clip_ray.train")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochData:
+    """Each rank's batches of one epoch; rank 0 builds and splits the stream, then shares the pieces."""
+
+    def __init__(self, config: Config, context: WorkerContext):
+        self.config = config
+        self.context = context
+        self.batch_size = config.train.global_batch_size // context.world_size
+        self.failures = FailureTracker() if context.rank == 0 else None
+
+    def batches(self, epoch: int, skip_batches: int):
+        cfg, rank, world = self.config, self.context.rank, self.context.world_size
+        pieces: list = [None] * world
+        if rank == 0:
+            dataset = build_train_dataset(cfg.data, cfg.model.vision.image_size, cfg.model.text.context_length,
+                                          epoch, self.failures, train_stream(epoch))
+            pieces = split_for_workers(dataset, world) if world > 1 else [dataset]
+        if world > 1:  # the split's iterators are picklable handles on one coordinator
+            dist.broadcast_object_list(pieces, src=0)
+        return train_batches(pieces[rank], cfg.data, self.batch_size, epoch, rank, skip_batches,
+                             device=self.context.device)
+
+    def failure_counts(self, epoch: int, final: bool) -> dict[str, FailureCounts]:
+        """Rank 0 only: counts per source; raises DataError when a source fails too often."""
+        if self.failures is None:
+            return {}
+        return self.failures.check(train_stream(epoch), self.config.data.max_failure_fraction, final=final)
+
+
+def _failure_metrics(counts: dict[str, FailureCounts]) -> dict[str, float]:
+    total = sum(counts.values(), FailureCounts())
+    return total.as_metrics(prefix="data/")
+
+
+@dataclass
+class WorkerRun:
+    """What the loop's named steps share: one worker's model, optimiser, tracker and position."""
+
+    config: Config
+    context: WorkerContext
+    model: CLIP  # unwrapped: what is evaluated, saved and logged
+    optimizer: torch.optim.Optimizer
+    step_fn: TrainStep
+    tokenizer: Tokenizer
+    tracker: NullTracker
+    evaluator: Evaluator | None  # rank 0's
+    data: EpochData
+    position: DataPosition
+    history: dict[str, dict] = field(default_factory=dict)
+    last_result: StepResult | None = None  # of the last step applied
+    started: float = field(default_factory=time.perf_counter)
+    last_log_time: float = field(default_factory=time.perf_counter)
+    last_log_step: int = 0
+
+    @property
+    def last_loss(self) -> float:
+        return self.last_result.loss if self.last_result is not None else math.nan
+
+
+def run_training(config: Config, context: WorkerContext) -> dict:
+    """Trains to config.train.steps (resuming from the context's latest checkpoint); returns the summary."""
+    steps = config.train.steps
+    _seed_everything(config.train.seed + context.rank)
+    run = start_run(config, context)
+    position = run.position
+    try:
+        if position.step == 0 and config.train.eval_every > 0:
+            evaluate(run, "before")
+        run.last_log_time, run.last_log_step = time.perf_counter(), position.step
+        while position.step < steps:
+            for batch in run.data.batches(position.epoch, position.batches_in_epoch):
+                if train_step(run, batch).skipped:
+                    continue
+                if position.step % config.train.log_every == 0 or position.step == steps:
+                    log_step(run)
+                if position.step == steps:
+                    break
+                if _due(position.step, config.train.eval_every):
+                    evaluate(run, f"step-{position.step}")
+                if _due(position.step, config.train.checkpoint_every):
+                    checkpoint(run, {"train/loss": run.last_loss})
+            else:
+                end_epoch(run)
+        final = evaluate(run, "final")
+        checkpoint(run, {"train/loss": run.last_loss, **final})
+        finish(run)
+    except BaseException:
+        run.tracker.close("FAILED", timeout_s=min(10.0, config.tracking.close_timeout_s))
+        raise
+    return {"before": run.history.get("before", {}), "final": run.history.get("final", {}),
+            **position.as_dict(), "mlflow_run_id": run.tracker.run_id}
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def start_run(config: Config, context: WorkerContext) -> WorkerRun:
+    """Model, optimiser and position: fresh, or restored exactly from the latest checkpoint."""
+    device = context.device
+    tokenizer = load_tokenizer(config.data.tokenizer, config.model.text.context_length)
+    model = build_model(config.model).to(device)
+    optimizer = build_optimizer(model, config.train, config.model)
+    scaler = make_grad_scaler(config.train.precision, device.type)
+    position, mlflow_run_id = DataPosition(), None
+    resume_dir = context.latest_checkpoint()
+    if resume_dir is not None:
+        state = load_training_state(resume_dir, map_location=device)
+        restore_training_state(state, model, optimizer, scaler)
+        position = DataPosition.from_dict(state["data_position"])
+        mlflow_run_id = state.get("mlflow_run_id")
+        if context.rank == 0:
+            log.info("resuming from %s at step %d (epoch %d, batch %d of the epoch)", resume_dir,
+                     position.step, position.epoch, position.batches_in_epoch)
+    context.release()
+
+    train_model = model
+    if _distributed():
+        device_ids = [device] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if config.train.compile:
+        train_model = torch.compile(train_model, mode=config.train.compile_mode)
+    step_fn = TrainStep(train_model, optimizer, build_loss(config.train.loss), scaler, config.train, device)
+    step_fn.total_nonfinite = position.nonfinite_steps
+    tracker = tracker_for_rank(context.rank, config.tracking, to_dict(config), resume_run_id=mlflow_run_id)
+    evaluator = Evaluator(config, tokenizer, device) if context.rank == 0 else None
+    return WorkerRun(config=config, context=context, model=model, optimizer=optimizer, step_fn=step_fn,
+                     tokenizer=tokenizer, tracker=tracker, evaluator=evaluator, data=EpochData(config, context),
+                     position=position)
+
+
+def train_step(run: WorkerRun, batch: dict) -> StepResult:
+    """One optimiser step at the scheduled learning rate; a non-finite one is skipped, not counted."""
+    position = run.position
+    set_lr(run.optimizer, lr_at(position.step, run.config.train))
+    result = run.step_fn(batch["image"], batch["text"])
+    position.consume_batch(run.config.train.global_batch_size, run.step_fn.total_nonfinite)
+    if result.skipped:
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", position.step,
+                    run.step_fn.consecutive_nonfinite)
+    else:
+        position.step += 1
+        run.last_result = result
+    return result
+
+
+def log_step(run: WorkerRun) -> None:
+    """The step's training metrics to MLflow (rank 0) and a progress line with throughput and ETA."""
+    config, position, result = run.config, run.position, run.last_result
+    per_step, now = config.train.global_batch_size, time.perf_counter()
+    rate = per_step * (position.step - run.last_log_step) / max(now - run.last_log_time, 1e-9)
+    eta = (config.train.steps - position.step) * per_step / max(rate, 1e-9)
+    metrics = {"train/loss": result.loss, "train/lr": run.optimizer.param_groups[0]["lr"],
+               "train/logit_scale": run.model.logit_scale.detach().exp().item(),
+               "train/samples_per_s": rate, "train/epoch": position.epoch,
+               "train/nonfinite_steps": run.step_fn.total_nonfinite}
+    if result.grad_norm is not None:
+        metrics["train/grad_norm"] = result.grad_norm
+    metrics.update(_failure_metrics(run.data.failure_counts(position.epoch, final=False)))
+    run.tracker.log_metrics(metrics, position.step)
+    if run.context.rank == 0:
+        log.info("step %d/%d epoch %d | loss %.4f | lr %.2e | %.1f samples/s | ETA %s", position.step,
+                 config.train.steps, position.epoch, result.loss, metrics["train/lr"], rate, _duration(eta))
+    run.last_log_time, run.last_log_step = now, position.step
+
+
+def evaluate(run: WorkerRun, tag: str) -> dict:
+    """Rank 0 evaluates while the others wait; mid-run results also reach Ray (a sweep's scheduler ranks
+    trials by them)."""
+    config, position = run.config, run.position
+    metrics = run.evaluator(run.model) if run.evaluator is not None else {}
+    if metrics:
+        run.tracker.log_metrics(metrics, position.step)
+        log.info("eval (%s) at step %d: %s", tag, position.step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    if _distributed():
+        dist.barrier()
+    has_eval_data = bool(config.data.val or config.data.zeroshot_dir)  # the same on every rank
+    if has_eval_data and tag.startswith("step-"):
+        run.context.report({**metrics, **position.as_dict()})
+    run.history[tag] = metrics
+    return metrics
+
+
+def checkpoint(run: WorkerRun, metrics: dict) -> None:
+    """Every rank's RNGs gathered, rank 0 writes the checkpoint, every rank reports it (collective)."""
+    position = run.position
+    rng = gather_rng_states()
+    directory = None
+    if run.context.rank == 0:
+        directory = Path(tempfile.mkdtemp(prefix="clip-ray-ckpt-"))
+        save_training_state(directory, model=run.model, optimizer=run.optimizer, scaler=run.step_fn.scaler,
+                            step=position.step, epoch=position.epoch, samples_seen=position.samples_seen,
+                            data_position=position.as_dict(), rng_states=rng, mlflow_run_id=run.tracker.run_id,
+                            config=run.config)
+    run.context.report({**metrics, **position.as_dict()}, directory)
+
+
+def end_epoch(run: WorkerRun) -> None:
+    """The epoch's failure counts logged (a source failing too often raises DataError); on to the next."""
+    position = run.position
+    counts = run.data.failure_counts(position.epoch, final=True)
+    run.tracker.log_metrics({f"epoch/{k}": v for k, v in _failure_metrics(counts).items()}, position.step)
+    if position.batches_in_epoch == 0:
+        raise DataError(f"epoch {position.epoch} gave no full batch of "
+                        f"{run.data.batch_size} pairs per worker")
+    position.next_epoch()
+
+
+def finish(run: WorkerRun) -> None:
+    """Rank 0 logs the model and the figures; every rank closes its tracker."""
+    config = run.config
+    if run.context.rank == 0:
+        size = config.model.vision.image_size
+        example = (torch.randn(2, 3, size, size), run.tokenizer(["a photo", "a drawing"]))
+        if config.tracking.log_model:
+            run.tracker.log_model(run.model, example, tokenizer_path=config.data.tokenizer)
+        run.tracker.log_figures()
+        log.info("finished %d steps in %s", run.position.step, _duration(time.perf_counter() - run.started))
+    run.tracker.close("FINISHED", timeout_s=config.tracking.close_timeout_s)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

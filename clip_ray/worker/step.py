@@ -1,0 +1,183 @@
+"""One optimiser step of CLIP training, with accumulation that keeps every negative.
+
+A worker's batch of B pairs is one optimiser step. With accumulation k it is
+encoded as k micro-batches of B/k, GradCache-style (Gao et al. 2021):
+
+  1. encode every micro-batch without a graph (activation memory of one micro-batch);
+  2. score the concatenated features as leaves: the loss sees all B local rows
+     against all global columns, exactly as without accumulation, and its
+     backward gives each feature its gradient (and the temperature its own);
+  3. re-encode each micro-batch with a graph and back-propagate its slice of
+     those feature gradients; DDP synchronises on the last micro-batch only.
+
+The re-encoding replays the random state of the first pass (patch dropout draws
+the same patches), and BatchNorm statistics are rolled back after the first pass
+so that they count each micro-batch once. Bit-for-bit equality with the
+unaccumulated step holds up to float summation order; ResNets' BatchNorm still
+normalises per micro-batch, as with any accumulation.
+
+A non-finite loss skips the step on every rank (they agree through an
+all-reduce, so collectives stay matched) and is counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from clip_ray.config import TrainConfig
+from clip_ray.loss import ContrastiveLoss
+from clip_ray.model import clamp_logit_scale, unwrap_model
+from clip_ray.model.precision import autocast_context
+from clip_ray.worker.optim import clip_gradients
+
+
+class NonFiniteLossError(RuntimeError):
+    """Several optimiser steps in a row had a NaN or infinite loss."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    skipped: bool
+    grad_norm: float | None = None
+
+
+def _all_ranks_finite(loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _batch_norm_buffers(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    return [(m, {name: getattr(m, name).clone() for name in ("running_mean", "running_var", "num_batches_tracked")})
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _restore_batch_norm_buffers(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    for module, buffers in saved:
+        for name, value in buffers.items():
+            getattr(module, name).copy_(value)
+
+
+class TrainStep:
+    """Forward, backward and update for one worker; `model` may be DDP-wrapped."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: ContrastiveLoss,
+                 scaler: torch.amp.GradScaler, train_cfg: TrainConfig, device: torch.device):
+        self.model = model
+        self.module = unwrap_model(model)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.scaler = scaler
+        self.cfg = train_cfg
+        self.device = device
+        self.consecutive_nonfinite = 0
+        self.total_nonfinite = 0
+
+    def autocast(self):
+        return autocast_context(self.cfg.precision, self.device.type)
+
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            # CUDA graphs reuse their output memory: tell them the previous step's outputs are dead.
+            torch.compiler.cudagraph_mark_step_begin()
+        self.optimizer.zero_grad(set_to_none=True)
+        k = self.cfg.accumulation_steps
+        if k == 1:
+            loss = self._backward_whole(images, texts)
+        else:
+            loss = self._backward_accumulated(images.chunk(k), texts.chunk(k))
+        if loss is None:
+            return self._skip()
+        grad_norm = clip_gradients(self.module.parameters(), self.cfg.grad_clip_norm, self.optimizer, self.scaler)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        clamp_logit_scale(self.module)
+        self.consecutive_nonfinite = 0
+        return StepResult(loss=float(loss), skipped=False,
+                          grad_norm=None if grad_norm is None else float(grad_norm))
+
+    def _skip(self) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_nonfinite += 1
+        self.total_nonfinite += 1
+        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} optimiser steps in a row had a non-finite loss "
+                f"(train.max_consecutive_nonfinite={self.cfg.max_consecutive_nonfinite}); stopping. "
+                "The last checkpoint written before them is intact; lower train.lr, enable "
+                "train.grad_clip_norm or use bf16 instead of fp16.")
+        return StepResult(loss=float("nan"), skipped=True)
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+        return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
+
+    def _backward_whole(self, images, texts) -> torch.Tensor | None:
+        with self.autocast():
+            out = self.model(images, texts)
+            loss = self._loss(*out)
+        if not _all_ranks_finite(loss):
+            return None
+        self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def _backward_accumulated(self, image_chunks, text_chunks) -> torch.Tensor | None:
+        # 1. Features of every micro-batch, no graph; remember each one's random state for the replay.
+        rng_states, image_features, text_features = [], [], []
+        saved_norms = _batch_norm_buffers(self.module)
+        with torch.no_grad(), self.autocast():
+            for images, texts in zip(image_chunks, text_chunks):
+                rng_states.append(_rng_state(self.device))
+                out = self.module(images, texts)
+                image_features.append(out.image_features.float())
+                text_features.append(out.text_features.float())
+        _restore_batch_norm_buffers(saved_norms)
+
+        # 2. The loss over all local rows, on leaf copies of the features.
+        image_leaf = torch.cat(image_features).requires_grad_()
+        text_leaf = torch.cat(text_features).requires_grad_()
+        scale = self.module.logit_scale.exp()
+        bias = getattr(self.module, "logit_bias", None)
+        loss = self._loss(image_leaf, text_leaf, scale, bias)
+        if not _all_ranks_finite(loss):
+            return None
+        self.scaler.scale(loss).backward()  # fills the leaves' grads and logit_scale/bias grads (local)
+        image_grads = image_leaf.grad.split([f.shape[0] for f in image_features])
+        text_grads = text_leaf.grad.split([f.shape[0] for f in text_features])
+
+        # 3. Re-encode each micro-batch with a graph; only the last one lets DDP all-reduce.
+        last = len(rng_states) - 1
+        for j, (images, texts) in enumerate(zip(image_chunks, text_chunks)):
+            sync = contextlib.nullcontext() if j == last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                _set_rng_state(rng_states[j], self.device)
+                with self.autocast():
+                    out = self.model(images, texts)
+                surrogate = (out.image_features.float() * image_grads[j]).sum() \
+                    + (out.text_features.float() * text_grads[j]).sum()
+                # Touch the temperature (and bias) so DDP counts them as used and averages their
+                # gradients from step 2 with everything else on the last micro-batch.
+                surrogate = surrogate + 0.0 * out.logit_scale
+                if out.logit_bias is not None:
+                    surrogate = surrogate + 0.0 * out.logit_bias
+                surrogate.backward()
+        return loss.detach()
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
