@@ -26,11 +26,16 @@ copies of the concatenated features and step backward (the gather's backward
 gives each local feature its full gradient, whichever rank's loss it came
 from), then re-encode each micro-batch with grad and back-propagate its slice
 of those feature gradients. tests/test_loss_distributed.py checks this recipe.
+`ContrastiveLoss.backward_in_chunks` does the middle part a few rows at a time,
+so its peak memory is chunk x global batch rather than local x global.
+
+The ranks' batch shapes are compared once per loss object (an all-gather and a
+host sync), not at every step: training batches keep their shape.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -98,15 +103,16 @@ class _GatherWithGrad(torch.autograd.Function):
         return summed.chunk(world_size, dim=0)[rank]
 
 
-def gather_features(local: torch.Tensor) -> torch.Tensor:
+def gather_features(local: torch.Tensor, check_shapes: bool = True) -> torch.Tensor:
     """Concatenates every rank's `local` in rank order, differentiably; identity on one process.
 
-    Raises ValueError (on every rank) when the ranks' shapes differ.
+    With `check_shapes`, raises ValueError (on every rank) when the ranks' shapes differ.
     """
     _, world_size = _world()
     if world_size == 1:
         return local
-    _check_equal_batches(local, world_size)
+    if check_shapes:
+        _check_equal_batches(local, world_size)
     return _GatherWithGrad.apply(local)
 
 
@@ -131,6 +137,7 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, gather: bool = True):
         super().__init__()
         self.gather = gather
+        self._checked_shape: tuple[int, ...] | None = None  # the local feature shape all ranks agreed on
 
     def forward(
         self,
@@ -144,17 +151,61 @@ class ContrastiveLoss(nn.Module):
         if image_features.shape != text_features.shape:
             raise ValueError(f"image features {tuple(image_features.shape)} and text features "
                              f"{tuple(text_features.shape)} must have the same shape")
-        rank, world_size = _world() if self.gather else (0, 1)
-        if world_size == 1:
-            image_columns, text_columns = image_features, text_features
-        else:
-            image_columns, text_columns = self.gather_columns(image_features, text_features)
+        rank, image_columns, text_columns = self._columns(image_features, text_features)
         out = self.local_vs_global(image_features, text_features, image_columns, text_columns,
                                    logit_scale, logit_bias, row_offset=rank * image_features.shape[0])
         return out if return_logits else out.loss
 
+    def backward_in_chunks(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+        chunk_rows: int | None = None,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    ) -> torch.Tensor:
+        """The loss of `forward` and its backward, `chunk_rows` local rows at a time; returns the loss.
+
+        Each chunk's logits (chunk x global) are freed by its own backward. The columns, the
+        temperature and the bias enter every chunk as detached leaves that collect their
+        gradient; it flows back through the gather (and the exp) once, at the end. The
+        gradients are those of `scale_loss(forward(...)).backward()` up to summation order.
+        """
+        rows = image_features.shape[0]
+        chunk_rows = min(chunk_rows or rows, rows)
+        rank, image_columns, text_columns = self._columns(image_features, text_features)
+        shared = [image_columns, text_columns, logit_scale, logit_bias]
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in shared]
+        parts = []
+        for start in range(0, rows, chunk_rows):
+            part = slice(start, start + chunk_rows)
+            out = self.local_vs_global(image_features[part], text_features[part], leaves[0], leaves[1],
+                                       leaves[2], leaves[3], row_offset=rank * rows + start)
+            loss = out.loss * (image_features[part].shape[0] / rows)  # a share of the mean over all rows
+            scale_loss(loss).backward()
+            parts.append(loss.detach())
+        pairs = [(t, leaf.grad) for t, leaf in zip(shared, leaves) if leaf is not None and leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [grad for _, grad in pairs])
+        return torch.stack(parts).sum()
+
+    def _columns(self, image_features, text_features):
+        """(rank, image columns, text columns) of the global batch; the rows themselves on one process."""
+        rank, world_size = _world() if self.gather else (0, 1)
+        if world_size == 1:
+            return rank, image_features, text_features
+        shape = tuple(image_features.shape)
+        if self._checked_shape is None:
+            _check_equal_batches(image_features, world_size)  # collective: every rank's first call
+            self._checked_shape = shape
+        elif shape != self._checked_shape:
+            raise ValueError(f"local features changed shape from {self._checked_shape} to {shape} on rank {rank}: "
+                             "contrastive training needs the same local batch at every step")
+        return (rank, *self.gather_columns(image_features, text_features))
+
     def gather_columns(self, image_features, text_features):
-        return gather_features(image_features), gather_features(text_features)
+        return gather_features(image_features, check_shapes=False), gather_features(text_features, check_shapes=False)
 
     def local_vs_global(
         self,
@@ -203,7 +254,7 @@ class SigLipLoss(ContrastiveLoss):
     """
 
     def gather_columns(self, image_features, text_features):
-        return None, gather_features(text_features)
+        return None, gather_features(text_features, check_shapes=False)
 
     def local_vs_global(self, image_rows, text_rows, image_columns, text_columns,
                         logit_scale, logit_bias=None, row_offset=0) -> LossOutput:

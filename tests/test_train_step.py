@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 
@@ -87,16 +88,14 @@ def test_accumulation_replays_patch_dropout_and_counts_batch_norm_once():
     torch.manual_seed(1)
     model = build_model(vit)
     images, texts = _batch(8, vit)
-    # Reference: both micro-batches encoded with a graph, in order, from the same random state.
+    # Reference: the whole batch in one pass from the same random state, which draws the same patches.
     reference = copy.deepcopy(model)
     torch.manual_seed(5)
-    first, second = reference(images[:4], texts[:4]), reference(images[4:], texts[4:])
-    build_loss("clip")(torch.cat([first.image_features, second.image_features]),
-                       torch.cat([first.text_features, second.text_features]), first.logit_scale).backward()
+    build_loss("clip")(*reference(images, texts)).backward()
     torch.manual_seed(5)
     _, grads, _ = _one_step(model, vit, TrainConfig(precision="fp32", accumulation_steps=2, warmup_steps=0),
                             images, texts)
-    # Re-encoding draws the very patches of the cached pass; without the replay these differ.
+    # Re-encoding keeps the very patches of the cached pass; were they drawn again, these would differ.
     for name, param in reference.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -153,3 +152,119 @@ def test_accumulation_under_ddp_matches_one_process_on_the_global_batch():
             torch.testing.assert_close(result["grads"][name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
         for name in params:
             torch.testing.assert_close(result["params"][name], params[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------- compile, chunked loss, guards
+
+
+@pytest.mark.slow
+def test_compiled_accumulation_with_patch_dropout_equals_the_eager_whole_batch_step():
+    """Both passes of the accumulated step run the compiled model and keep the same patches, so its
+    gradients are those of one eager step on the whole batch (Inductor draws random numbers its own way)."""
+    vit = copy.deepcopy(TINY_VIT)
+    vit.vision.patch_dropout = 0.5
+    torch.manual_seed(1)
+    model = build_model(vit)
+    images, texts = _batch(8, vit)
+    torch.manual_seed(5)
+    _, eager, _ = _one_step(copy.deepcopy(model), vit, TrainConfig(precision="fp32", warmup_steps=0), images, texts)
+    torch.manual_seed(5)
+    _, compiled, _ = _one_step(copy.deepcopy(model), vit, TrainConfig(precision="fp32", accumulation_steps=2,
+                                                                      warmup_steps=0),
+                               images, texts, wrap=torch.compile)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_loss_in_chunks_of_rows_gives_the_same_step(loss):
+    config = copy.deepcopy(TINY_VIT)
+    config.init_logit_bias = -10.0 if loss == "siglip" else None
+    torch.manual_seed(0)
+    model = build_model(config)
+    images, texts = _batch(12, config)
+    results = {}
+    for chunk in (None, 5, 1):  # 5 leaves a short last chunk
+        cfg = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=3,
+                          loss_chunk_rows=chunk)
+        results[chunk] = _one_step(copy.deepcopy(model), config, cfg, images, texts)
+    (r_all, g_all, p_all) = results[None]
+    for chunk in (5, 1):
+        r, g, p = results[chunk]
+        assert r.loss == pytest.approx(r_all.loss, rel=1e-6)
+        for name in g_all:
+            torch.testing.assert_close(g[name], g_all[name], rtol=1e-4, atol=1e-6, msg=f"{chunk}: {name}")
+
+
+def _guard_and_chunk_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        # 1. A finite loss with an infinite gradient on rank 1 only: both ranks skip, nothing changes.
+        torch.manual_seed(0)
+        model = build_model(TINY_VIT)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = TrainConfig(precision="fp32", warmup_steps=0, lr=1e-3)
+        optimizer = build_optimizer(model, cfg, TINY_VIT)
+        step = TrainStep(torch.nn.parallel.DistributedDataParallel(model), optimizer, build_loss("clip"),
+                         make_grad_scaler("fp32", "cpu"), cfg, torch.device("cpu"))
+        images, texts = _batch(8, TINY_VIT)
+        local = slice(rank * 4, rank * 4 + 4)
+        hook = model.visual.proj.register_hook(lambda grad: grad * float("inf")) if rank == 1 else None
+        bad = step(images[local], texts[local])
+        results["bad"] = {"skipped": bad.skipped, "total": step.total_nonfinite,
+                          "unchanged": all(torch.equal(p, before[n]) for n, p in model.named_parameters()),
+                          "optimizer_state": len(optimizer.state)}
+        if hook is not None:
+            hook.remove()
+        good = step(images[local], texts[local])
+        results["good"] = {"skipped": good.skipped, "loss": good.loss}
+
+        # 2. The loss a chunk of rows at a time: the gradients of the whole local block, gathered columns included.
+        g = torch.Generator().manual_seed(7)
+        features = [torch.nn.functional.normalize(torch.randn(8, 16, generator=g, dtype=torch.float64), dim=-1)
+                    for _ in range(2)]
+        for kind in ("clip", "siglip"):
+            grads = {}
+            for mode in ("whole", "chunks"):
+                rows = [f[local].clone().requires_grad_() for f in features]
+                scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+                bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
+                loss_fn = build_loss(kind)
+                if mode == "whole":
+                    loss = loss_fn(*rows, scale, bias)
+                    loss.backward()
+                else:
+                    loss = loss_fn.backward_in_chunks(*rows, scale, bias, chunk_rows=3)
+                grads[mode] = {"loss": loss.item(), "rows": [r.grad for r in rows], "scale": scale.grad,
+                               "bias": bias.grad}
+            results[kind] = grads
+        # 3. The ranks' shapes were compared on the loss's first call; a later change is caught here,
+        #    on this rank alone, without a collective (rank 1 does not call: a collective would hang).
+        if rank == 0:
+            try:
+                loss_fn(features[0][:3], features[1][:3], scale, bias)
+                results["changed_shape"] = None
+            except ValueError as err:
+                results["changed_shape"] = str(err)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_infinite_gradient_on_one_rank_skips_the_step_everywhere_and_chunks_match():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_guard_and_chunk_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    for rank, result in enumerate(results):
+        assert result["bad"] == {"skipped": True, "total": 1, "unchanged": True, "optimizer_state": 0}, rank
+        assert not result["good"]["skipped"] and math.isfinite(result["good"]["loss"]), rank
+        for kind in ("clip", "siglip"):
+            whole, chunks = result[kind]["whole"], result[kind]["chunks"]
+            assert chunks["loss"] == pytest.approx(whole["loss"], rel=1e-12), (rank, kind)
+            for a, b in zip(chunks["rows"], whole["rows"]):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(chunks["scale"], whole["scale"], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(chunks["bias"], whole["bias"], rtol=1e-10, atol=1e-12)
+    assert "changed shape from (4, 16) to (3, 16) on rank 0" in results[0]["changed_shape"]

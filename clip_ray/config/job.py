@@ -22,6 +22,10 @@ class TrainConfig:
     # Micro-batches per step and worker. Negatives still span the whole global batch
     # (features are cached GradCache-style), so accumulation only saves memory.
     accumulation_steps: int = 1
+    # With accumulation, the loss over the local rows x global columns is computed (forward and backward)
+    # this many rows at a time: peak logits memory chunk x global batch instead of local x global.
+    # None: all local rows at once.
+    loss_chunk_rows: int | None = None
     steps: int = 1000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     # AdamW with decoupled weight decay (not on gains, biases, embeddings, logit_scale),
@@ -61,6 +65,8 @@ class TrainConfig:
             check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", self.betas, "must be in [0, 1)")
         if self.eps is not None:
             check(self.eps > 0, f"{key}.eps", self.eps, "must be positive")
+        if self.loss_chunk_rows is not None:
+            check(self.loss_chunk_rows > 0, f"{key}.loss_chunk_rows", self.loss_chunk_rows, "must be positive")
         if self.grad_clip_norm is not None:
             check(self.grad_clip_norm > 0, f"{key}.grad_clip_norm", self.grad_clip_norm, "must be positive")
 

@@ -54,17 +54,22 @@ class CLIP(TextTransformer):
         self.visual.set_grad_checkpointing(enable)
         self.transformer.grad_checkpointing = enable
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.visual(images)
+    def patch_keep_indices(self, batch: int, device: torch.device | str) -> torch.Tensor | None:
+        """The patches a training pass of `batch` images keeps, drawn now (None: no patch dropout)."""
+        return self.visual.patch_keep_indices(batch, device) if isinstance(self.visual, VisionTransformer) else None
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True,
+                     patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.visual(images) if patch_keep is None else self.visual(images, patch_keep)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.text_features(tokens)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> ClipOutput:
-        return ClipOutput(self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp(),
-                          self.logit_bias)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, patch_keep: torch.Tensor | None = None) -> ClipOutput:
+        return ClipOutput(self.encode_image(images, patch_keep=patch_keep), self.encode_text(tokens),
+                          self.logit_scale.exp(), self.logit_bias)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -3,6 +3,9 @@
 The one change from OpenAI's version is FLIP-style patch dropout (Li et al. 2023):
 while training, a random subset of patch tokens is dropped before the
 Transformer, which cuts compute roughly in proportion and acts as a regulariser.
+A caller that must reproduce the drop exactly (the accumulated training step
+encodes each micro-batch twice, possibly compiled) draws the kept indices
+itself (`patch_keep_indices`) and passes them in.
 """
 
 from __future__ import annotations
@@ -39,20 +42,24 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def drop_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """Keeps a random subset of patch tokens per image (same count for all, so the batch stays dense)."""
-        batch, tokens, width = patches.shape
+    def patch_keep_indices(self, batch: int, device: torch.device | str) -> torch.Tensor | None:
+        """[batch, kept] indices of the patch tokens a training pass keeps (a random subset per image, the
+        same count for all, so the batch stays dense); None when this tower drops nothing."""
+        if self.patch_dropout <= 0:
+            return None
+        tokens = self.positional_embedding.shape[0] - 1
         keep = max(1, int(tokens * (1.0 - self.patch_dropout)))
-        noise = torch.rand(batch, tokens, device=patches.device)
-        kept = noise.topk(keep, dim=1).indices
-        return patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, width))
+        return torch.rand(batch, tokens, device=device).topk(keep, dim=1).indices
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, patch_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`patch_keep`: the patches to keep (patch_keep_indices); by default drawn here while training."""
         x = self.conv1(images)                            # [B, W, grid, grid]
         x = x.flatten(2).transpose(1, 2)                  # [B, grid*grid, W]
         x = x + self.positional_embedding[1:].to(x.dtype)
-        if self.training and self.patch_dropout > 0:
-            x = self.drop_patches(x)
+        if patch_keep is None and self.training:
+            patch_keep = self.patch_keep_indices(x.shape[0], x.device)
+        if patch_keep is not None:
+            x = x.gather(1, patch_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype)
         x = torch.cat([cls.expand(x.shape[0], 1, -1), x], dim=1)
         x = self.transformer(self.ln_pre(x))

@@ -6,18 +6,21 @@ encoded as k micro-batches of B/k, GradCache-style (Gao et al. 2021):
   1. encode every micro-batch without a graph (activation memory of one micro-batch);
   2. score the concatenated features as leaves: the loss sees all B local rows
      against all global columns, exactly as without accumulation, and its
-     backward gives each feature its gradient (and the temperature its own);
+     backward gives each feature its gradient (and the temperature its own),
+     `train.loss_chunk_rows` rows at a time (loss.backward_in_chunks);
   3. re-encode each micro-batch with a graph and back-propagate its slice of
      those feature gradients; DDP synchronises on the last micro-batch only.
 
-The re-encoding replays the random state of the first pass (patch dropout draws
-the same patches), and BatchNorm statistics are rolled back after the first pass
-so that they count each micro-batch once. Bit-for-bit equality with the
-unaccumulated step holds up to float summation order; ResNets' BatchNorm still
-normalises per micro-batch, as with any accumulation.
+Both passes run the same model (compiled when train.compile is set), and patch
+dropout keeps the patches drawn once for the whole local batch before pass 1,
+so the replay drops exactly what the cached pass dropped, compiled or not, and
+the step equals the unaccumulated one. BatchNorm statistics are rolled back
+after the first pass so that they count each micro-batch once; ResNets'
+BatchNorm still normalises per micro-batch, as with any accumulation.
 
-A non-finite loss skips the step on every rank (they agree through an
-all-reduce, so collectives stay matched) and is counted.
+A non-finite loss, or (without an fp16 loss scaler, whose own job that is) a
+non-finite gradient, skips the step on every rank: one all-reduce after the
+backward makes the ranks agree, so collectives stay matched. Skips are counted.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ class StepResult:
     grad_norm: float | None = None
 
 
-def _all_ranks_finite(loss: torch.Tensor) -> bool:
-    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+def _all_ranks_finite(*values: torch.Tensor) -> bool:
+    """Whether every value is finite on every rank: one all-reduce and one host sync."""
+    finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+    finite = finite.to(torch.float32).reshape(1)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
@@ -94,72 +99,73 @@ class TrainStep:
             loss = self._backward_whole(images, texts)
         else:
             loss = self._backward_accumulated(images.chunk(k), texts.chunk(k))
-        if loss is None:
-            return self._skip()
         grad_norm = clip_gradients(self.module.parameters(), self.cfg.grad_clip_norm, self.optimizer, self.scaler)
+        # An fp16 scaler skips steps with inf/NaN gradients itself (and lowers its scale): not a failure.
+        checked = (loss,) if self.scaler.is_enabled() else (loss, grad_norm)
+        if not _all_ranks_finite(*checked):
+            return self._skip()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         clamp_logit_scale(self.module)
         self.consecutive_nonfinite = 0
-        return StepResult(loss=float(loss), skipped=False,
-                          grad_norm=None if grad_norm is None else float(grad_norm))
+        return StepResult(loss=float(loss), skipped=False, grad_norm=float(grad_norm))
 
     def _skip(self) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # closes the step clip_gradients unscaled (and lowers the scale)
         self.consecutive_nonfinite += 1
         self.total_nonfinite += 1
         if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
             raise NonFiniteLossError(
-                f"{self.consecutive_nonfinite} optimiser steps in a row had a non-finite loss "
+                f"{self.consecutive_nonfinite} optimiser steps in a row had a non-finite loss or gradient "
                 f"(train.max_consecutive_nonfinite={self.cfg.max_consecutive_nonfinite}); stopping. "
                 "The last checkpoint written before them is intact; lower train.lr, enable "
                 "train.grad_clip_norm or use bf16 instead of fp16.")
         return StepResult(loss=float("nan"), skipped=True)
 
-    def _loss(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-        return self.loss_fn(image_features, text_features, logit_scale, logit_bias)
-
-    def _backward_whole(self, images, texts) -> torch.Tensor | None:
+    def _backward_whole(self, images, texts) -> torch.Tensor:
         with self.autocast():
             out = self.model(images, texts)
-            loss = self._loss(*out)
-        if not _all_ranks_finite(loss):
-            return None
+            loss = self.loss_fn(*out)
         self.scaler.scale(loss).backward()
         return loss.detach()
 
-    def _backward_accumulated(self, image_chunks, text_chunks) -> torch.Tensor | None:
+    def _backward_accumulated(self, image_chunks, text_chunks) -> torch.Tensor:
+        # The patches each image keeps, drawn once: both passes below drop exactly these.
+        sizes = [chunk.shape[0] for chunk in image_chunks]
+        keep = self.module.patch_keep_indices(sum(sizes), self.device) if self.module.training else None
+        kept = keep.split(sizes) if keep is not None else [None] * len(sizes)
+
         # 1. Features of every micro-batch, no graph; remember each one's random state for the replay.
         rng_states, image_features, text_features = [], [], []
         saved_norms = _batch_norm_buffers(self.module)
         with torch.no_grad(), self.autocast():
-            for images, texts in zip(image_chunks, text_chunks):
+            for images, texts, patches in zip(image_chunks, text_chunks, kept):
                 rng_states.append(_rng_state(self.device))
-                out = self.module(images, texts)
+                out = self._encode(images, texts, patches)
                 image_features.append(out.image_features.float())
                 text_features.append(out.text_features.float())
         _restore_batch_norm_buffers(saved_norms)
 
-        # 2. The loss over all local rows, on leaf copies of the features.
+        # 2. The loss over all local rows, on leaf copies of the features; fills the leaves' grads and
+        #    logit_scale/bias grads (local), a chunk of rows at a time.
         image_leaf = torch.cat(image_features).requires_grad_()
         text_leaf = torch.cat(text_features).requires_grad_()
-        scale = self.module.logit_scale.exp()
-        bias = getattr(self.module, "logit_bias", None)
-        loss = self._loss(image_leaf, text_leaf, scale, bias)
-        if not _all_ranks_finite(loss):
-            return None
-        self.scaler.scale(loss).backward()  # fills the leaves' grads and logit_scale/bias grads (local)
-        image_grads = image_leaf.grad.split([f.shape[0] for f in image_features])
-        text_grads = text_leaf.grad.split([f.shape[0] for f in text_features])
+        loss = self.loss_fn.backward_in_chunks(
+            image_leaf, text_leaf, self.module.logit_scale.exp(), getattr(self.module, "logit_bias", None),
+            chunk_rows=self.cfg.loss_chunk_rows, scale_loss=self.scaler.scale)
+        image_grads = image_leaf.grad.split(sizes)
+        text_grads = text_leaf.grad.split(sizes)
 
         # 3. Re-encode each micro-batch with a graph; only the last one lets DDP all-reduce.
         last = len(rng_states) - 1
-        for j, (images, texts) in enumerate(zip(image_chunks, text_chunks)):
+        for j, (images, texts, patches) in enumerate(zip(image_chunks, text_chunks, kept)):
             sync = contextlib.nullcontext() if j == last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 _set_rng_state(rng_states[j], self.device)
                 with self.autocast():
-                    out = self.model(images, texts)
+                    out = self._encode(images, texts, patches)
                 surrogate = (out.image_features.float() * image_grads[j]).sum() \
                     + (out.text_features.float() * text_grads[j]).sum()
                 # Touch the temperature (and bias) so DDP counts them as used and averages their
@@ -168,7 +174,12 @@ class TrainStep:
                 if out.logit_bias is not None:
                     surrogate = surrogate + 0.0 * out.logit_bias
                 surrogate.backward()
-        return loss.detach()
+        return loss
+
+    def _encode(self, images, texts, patches):
+        """The (possibly DDP-wrapped, compiled) model; patches to keep only where patch dropout is on,
+        so that a model without it runs the very graph of an unaccumulated step."""
+        return self.model(images, texts) if patches is None else self.model(images, texts, patches)
 
 
 def _rng_state(device: torch.device) -> tuple:
