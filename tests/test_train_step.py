@@ -47,15 +47,18 @@ def _one_step(model, config, train_cfg, images, texts, wrap=lambda m: m):
     return result, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5, 1], ids=["loss-whole", "loss-chunks-of-5", "loss-chunks-of-1"])
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_accumulation_equals_one_step_on_the_whole_batch(loss):
+def test_accumulation_equals_one_step_on_the_whole_batch(loss, chunk_rows):
+    """Also with the accumulated loss computed a chunk of rows at a time (5 leaves a short last chunk)."""
     config = copy.deepcopy(TINY_VIT)
     config.init_logit_bias = -10.0 if loss == "siglip" else None
     torch.manual_seed(0)
     model = build_model(config)
     images, texts = _batch(12, config)
     whole = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=1)
-    accumulated = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=3)
+    accumulated = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=3,
+                              loss_chunk_rows=chunk_rows)
     r1, g1, p1 = _one_step(copy.deepcopy(model), config, whole, images, texts)
     r3, g3, p3 = _one_step(copy.deepcopy(model), config, accumulated, images, texts)
     assert r1.loss == pytest.approx(r3.loss, rel=1e-6)
@@ -122,6 +125,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
         step(poisoned, texts)
 
 
+def _run_on_two_ranks(worker) -> list[dict]:
+    """Spawns `worker(rank, 2, init_file, out_dir)` on two gloo ranks; what each saved as rank<r>.pt."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -139,9 +149,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_accumulation_under_ddp_matches_one_process_on_the_global_batch():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    results = _run_on_two_ranks(_ddp_worker)
     torch.manual_seed(0)
     model = build_model(TINY_VIT)
     images, texts = _batch(16, TINY_VIT)
@@ -174,26 +182,6 @@ def test_compiled_accumulation_with_patch_dropout_equals_the_eager_whole_batch_s
                                images, texts, wrap=torch.compile)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_loss_in_chunks_of_rows_gives_the_same_step(loss):
-    config = copy.deepcopy(TINY_VIT)
-    config.init_logit_bias = -10.0 if loss == "siglip" else None
-    torch.manual_seed(0)
-    model = build_model(config)
-    images, texts = _batch(12, config)
-    results = {}
-    for chunk in (None, 5, 1):  # 5 leaves a short last chunk
-        cfg = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=3,
-                          loss_chunk_rows=chunk)
-        results[chunk] = _one_step(copy.deepcopy(model), config, cfg, images, texts)
-    (r_all, g_all, p_all) = results[None]
-    for chunk in (5, 1):
-        r, g, p = results[chunk]
-        assert r.loss == pytest.approx(r_all.loss, rel=1e-6)
-        for name in g_all:
-            torch.testing.assert_close(g[name], g_all[name], rtol=1e-4, atol=1e-6, msg=f"{chunk}: {name}")
 
 
 def _guard_and_chunk_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -254,9 +242,7 @@ def _guard_and_chunk_worker(rank: int, world: int, init_file: str, out_dir: str)
 
 
 def test_infinite_gradient_on_one_rank_skips_the_step_everywhere_and_chunks_match():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_guard_and_chunk_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    results = _run_on_two_ranks(_guard_and_chunk_worker)
     for rank, result in enumerate(results):
         assert result["bad"] == {"skipped": True, "total": 1, "unchanged": True, "optimizer_state": 0}, rank
         assert not result["good"]["skipped"] and math.isfinite(result["good"]["loss"]), rank
