@@ -8,15 +8,20 @@ test (the parent process) compares them with a one-process reference.
 from __future__ import annotations
 
 import datetime
+import pickle
 from pathlib import Path
 
+import ray
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from clip_ray.config import ModelConfig, TextConfig, VisionConfig
+from clip_ray.eval.evaluate import Evaluator
+from clip_ray.eval.gather import gather_rows
 from clip_ray.loss import ClipLoss, build_loss
 from clip_ray.model import build_model
+from clip_ray.model.tokenizer import load_tokenizer
 
 GLOBAL_BATCH = 8
 MODEL_SEED = 0
@@ -98,3 +103,28 @@ def loss_equivalence_worker(rank: int, world_size: int, rendezvous: str, out_dir
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def sharded_eval_worker(rank: int, world_size: int, rendezvous: str, ray_address: str, job_file: str,
+                        out_dir: str) -> None:
+    """Evaluates the pickled (config, weights) as one rank of a gloo group, twice (the validation split is
+    made once and iterated again); saves rank 0's metrics, the rows each rank encoded, and a gather of
+    rows of unequal lengths (rank r sends r rows: rank 0 none)."""
+    torch.set_num_threads(1)
+    ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        job = pickle.loads(Path(job_file).read_bytes())
+        config = job["config"]
+        model = build_model(config.model)
+        model.load_state_dict(job["weights"])
+        tokenizer = load_tokenizer(config.data.tokenizer, config.model.text.context_length)
+        evaluator = Evaluator(config, tokenizer, torch.device("cpu"), rank=rank, world_size=world_size)
+        metrics = [evaluator(model) for _ in range(2)]
+        rows = gather_rows(torch.full((rank, 3), float(rank)))
+        result = {"metrics": metrics, "encoded": dict(evaluator.encoded), "gathered": rows}
+        (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+        ray.shutdown()

@@ -85,10 +85,23 @@ class EvalConfig:
     zeroshot_class_names: str | None = None
     max_zeroshot_images: int | None = 10000
     recall_at: tuple[int, ...] = (1, 5, 10)
+    # "sync": every worker evaluates its share while training waits. "async": the mid-run evaluations
+    # (train.eval_every) run in a Ray actor on a copy of the weights while training goes on; the
+    # evaluations before and after training stay sync.
+    mode: Literal["sync", "async"] = "sync"
+    # The async evaluator actor's resources (a GPU share makes it evaluate on that GPU).
+    async_num_cpus: float = 1.0
+    async_num_gpus: float = 0.0
+    # At the end of training, how long to wait for async evaluations still running before going on without.
+    async_wait_s: float = 1800.0
 
     def validate(self, key: str = "eval") -> None:
         check(self.batch_size > 0, f"{key}.batch_size", self.batch_size, "must be positive")
         check(all(k > 0 for k in self.recall_at), f"{key}.recall_at", self.recall_at, "must be positive")
+        check(self.mode in ("sync", "async"), f"{key}.mode", self.mode, "must be 'sync' or 'async'")
+        for name in ("async_num_cpus", "async_num_gpus"):
+            check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
+        check(self.async_wait_s > 0, f"{key}.async_wait_s", self.async_wait_s, "must be positive")
 
 
 @dataclass

@@ -7,7 +7,8 @@ One pass of the loop is:
     epoch e: rank 0 builds the epoch's Ray Data stream (shard order seeded by
              (seed, e)), splits it and hands each rank its iterator
     each batch: train_step (DDP, global-batch loss, accumulation) -> log_step ->
-             maybe evaluate (rank 0) -> maybe checkpoint (ray.train.report)
+             maybe evaluate (every rank its share; or, with eval.mode async, hand
+             the weights to a background actor) -> maybe checkpoint (ray.train.report)
 
 Exact resume: a checkpoint stores the DataPosition (step, epoch, batches this
 epoch already consumed) plus every RNG. A resumed worker rebuilds the same epoch
@@ -33,6 +34,7 @@ from clip_ray.config import Config, to_dict
 from clip_ray.data.formats import DataError, FailureCounts
 from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
 from clip_ray.data.stream.pipeline import build_train_dataset, split_for_workers, train_batches
+from clip_ray.eval.background import BackgroundEvaluations
 from clip_ray.eval.evaluate import Evaluator
 from clip_ray.loss import build_loss
 from clip_ray.model import CLIP, build_model
@@ -103,9 +105,10 @@ class WorkerRun:
     step_fn: TrainStep
     tokenizer: Tokenizer
     tracker: NullTracker
-    evaluator: Evaluator | None  # rank 0's
+    evaluator: Evaluator  # every rank's: a sharded evaluation is a collective
     data: EpochData
     position: DataPosition
+    background: BackgroundEvaluations | None = None  # eval.mode async: the mid-run evaluations
     history: dict[str, dict] = field(default_factory=dict)
     last_result: StepResult | None = None  # of the last step applied
     started: float = field(default_factory=time.perf_counter)
@@ -133,6 +136,7 @@ def run_training(config: Config, context: WorkerContext) -> dict:
                     continue
                 if position.step % config.train.log_every == 0 or position.step == steps:
                     log_step(run)
+                    report_background(run)
                 if position.step == steps:
                     break
                 if _due(position.step, config.train.eval_every):
@@ -141,10 +145,13 @@ def run_training(config: Config, context: WorkerContext) -> dict:
                     checkpoint(run, {"train/loss": run.last_loss})
             else:
                 end_epoch(run)
+        report_background(run, wait_s=config.eval.async_wait_s)  # nothing outstanding is lost
         final = evaluate(run, "final")
         checkpoint(run, {"train/loss": run.last_loss, **final})
         finish(run)
     except BaseException:
+        if run.background is not None:
+            run.background.close()
         run.tracker.close("FAILED", timeout_s=min(10.0, config.tracking.close_timeout_s))
         raise
     return {"before": run.history.get("before", {}), "final": run.history.get("final", {}),
@@ -183,10 +190,13 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     step_fn = TrainStep(train_model, optimizer, build_loss(config.train.loss), scaler, config.train, device)
     step_fn.total_nonfinite = position.nonfinite_steps
     tracker = tracker_for_rank(context.rank, config.tracking, to_dict(config), resume_run_id=mlflow_run_id)
-    evaluator = Evaluator(config, tokenizer, device) if context.rank == 0 else None
+    evaluator = Evaluator(config, tokenizer, device, rank=context.rank, world_size=context.world_size)
+    background = None
+    if config.eval.mode == "async":
+        background = BackgroundEvaluations(config, context.rank, context.world_size)
     return WorkerRun(config=config, context=context, model=model, optimizer=optimizer, step_fn=step_fn,
                      tokenizer=tokenizer, tracker=tracker, evaluator=evaluator, data=EpochData(config, context),
-                     position=position)
+                     position=position, background=background)
 
 
 def train_step(run: WorkerRun, batch: dict) -> StepResult:
@@ -225,21 +235,37 @@ def log_step(run: WorkerRun) -> None:
 
 
 def evaluate(run: WorkerRun, tag: str) -> dict:
-    """Rank 0 evaluates while the others wait; mid-run results also reach Ray (a sweep's scheduler ranks
-    trials by them)."""
+    """Every rank evaluates its share, rank 0 gets the metrics; mid-run results also reach Ray (a sweep's
+    scheduler ranks trials by them). In async mode a mid-run evaluation only starts here."""
     config, position = run.config, run.position
-    metrics = run.evaluator(run.model) if run.evaluator is not None else {}
-    if metrics:
-        run.tracker.log_metrics(metrics, position.step)
-        log.info("eval (%s) at step %d: %s", tag, position.step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-    if _distributed():
-        dist.barrier()
     has_eval_data = bool(config.data.val or config.data.zeroshot_dir)  # the same on every rank
-    if has_eval_data and tag.startswith("step-"):
+    mid_run = tag.startswith("step-")
+    if mid_run and run.background is not None:
+        if has_eval_data:
+            run.background.submit(run.model, position.as_dict())
+        return {}
+    metrics = run.evaluator(run.model)
+    _record_evaluation(run, tag, position.step, metrics)
+    if has_eval_data and mid_run:
         run.context.report({**metrics, **position.as_dict()})
-    run.history[tag] = metrics
     return metrics
+
+
+def report_background(run: WorkerRun, wait_s: float = 0.0) -> None:
+    """Async mode: the background evaluations finished by now (waiting up to wait_s for all), logged at
+    their own steps and reported by every rank together (ray.train.report is a collective)."""
+    if run.background is None:
+        return
+    for metrics, at in run.background.collect(wait_s):
+        _record_evaluation(run, f"step-{at['step']}", at["step"], metrics)
+        run.context.report({**metrics, **at})
+
+
+def _record_evaluation(run: WorkerRun, tag: str, step: int, metrics: dict) -> None:
+    if metrics:
+        run.tracker.log_metrics(metrics, step)
+        log.info("eval (%s) at step %d: %s", tag, step, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    run.history[tag] = metrics
 
 
 def checkpoint(run: WorkerRun, metrics: dict) -> None:
@@ -277,6 +303,8 @@ def finish(run: WorkerRun) -> None:
             run.tracker.log_model(run.model, example, tokenizer_path=config.data.tokenizer)
         run.tracker.log_figures()
         log.info("finished %d steps in %s", run.position.step, _duration(time.perf_counter() - run.started))
+    if run.background is not None:
+        run.background.close()
     run.tracker.close("FINISHED", timeout_s=config.tracking.close_timeout_s)
 
 
