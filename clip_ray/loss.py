@@ -49,7 +49,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the default group; (0, 1) when there is no group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -108,7 +108,7 @@ def gather_features(local: torch.Tensor, check_shapes: bool = True) -> torch.Ten
 
     With `check_shapes`, raises ValueError (on every rank) when the ranks' shapes differ.
     """
-    _, world_size = _world()
+    _, world_size = rank_and_world()
     if world_size == 1:
         return local
     if check_shapes:
@@ -192,7 +192,7 @@ class ContrastiveLoss(nn.Module):
 
     def _columns(self, image_features, text_features):
         """(rank, image columns, text columns) of the global batch; the rows themselves on one process."""
-        rank, world_size = _world() if self.gather else (0, 1)
+        rank, world_size = rank_and_world() if self.gather else (0, 1)
         if world_size == 1:
             return rank, image_features, text_features
         shape = tuple(image_features.shape)

@@ -25,12 +25,12 @@ from clip_ray.config import Config
 from clip_ray.data.formats import FailureCounts
 from clip_ray.data.stream.pipeline import build_eval_dataset, eval_batches
 from clip_ray.data.stream.preprocess import Preprocessor
-from clip_ray.eval.gather import broadcast_from_rank0, gather_objects, gather_rows, rank_and_world, shard
+from clip_ray.eval.gather import broadcast_from_rank0, gather_objects, gather_rows, shard
 from clip_ray.eval.retrieval import retrieval_recall
 from clip_ray.eval.templates import load_class_names, load_templates
 from clip_ray.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_ray.eval.zeroshot_images import ListedImage, image_batches, select_images
-from clip_ray.loss import build_loss
+from clip_ray.loss import build_loss, rank_and_world
 from clip_ray.model.precision import autocast_context
 
 

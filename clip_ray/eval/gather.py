@@ -13,12 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from clip_ray.loss import rank_and_world
 
 
 def _collective() -> bool:

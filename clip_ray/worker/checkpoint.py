@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clip_ray.config import ModelConfig, from_dict, to_dict
+from clip_ray.loss import rank_and_world
 from clip_ray.model import CLIP, build_model, build_model_from_state_dict, unwrap_model
 
 FORMAT_VERSION = 1
@@ -81,15 +82,9 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_rng_states() -> list[dict]:
     """Every rank's `capture_rng_state()`, indexed by rank. Collective: call it on all ranks."""
-    _, world_size = _rank_and_world()
+    _, world_size = rank_and_world()
     if world_size == 1:
         return [capture_rng_state()]
     states: list[Any] = [None] * world_size
@@ -280,7 +275,7 @@ def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim
         scaler.load_state_dict(state["scaler"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     if not restore_rng or rank >= len(state["rng_states"]):
         return False
     restore_rng_state(state["rng_states"][rank])
