@@ -108,12 +108,12 @@ def ray_config(shard_dir: str, batch_size: int, shuffle: int, uint8: bool) -> Da
 def ray_pass(shard_dir: str, size: int, batch_size: int, shuffle: int, uint8: bool) -> dict:
     """One epoch through clip-ray's pipeline, as a world-size-1 worker takes it (uint8 stays uint8: the GPU
     would normalise it)."""
-    from clip_ray.data.stream.pipeline import build_train_dataset, iter_worker_batches, worker_shuffle_seed
+    from clip_ray.data.stream.batches import TrainBatches
+    from clip_ray.data.stream.pipeline import build_train_dataset
 
     cfg = ray_config(shard_dir, batch_size, shuffle, uint8)
     dataset = build_train_dataset(cfg, size, CONTEXT_LENGTH, epoch=0)
-    return drain(iter_worker_batches(dataset, batch_size, shuffle_buffer=shuffle,
-                                     shuffle_seed=worker_shuffle_seed(0, 0, 0), normalize=False))
+    return drain(TrainBatches(dataset, batch_size, shuffle_buffer=shuffle, seed=0, epoch=0, normalize=False))
 
 
 def ray_warm_up(shard: str, size: int) -> float:

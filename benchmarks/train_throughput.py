@@ -135,14 +135,17 @@ def hold_batches(config, count: int, path: Path) -> int:
     import torch
     from ray.data import DataContext
 
-    from clip_ray.data.stream.pipeline import build_train_dataset, train_batches
+    from clip_ray.data.stream.batches import TrainBatches
+    from clip_ray.data.stream.pipeline import build_train_dataset
 
     cfg = config
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     dataset = build_train_dataset(cfg.data, cfg.model.vision.image_size, cfg.model.text.context_length, epoch=0)
     batches = []
-    for batch in train_batches(dataset, cfg.data, cfg.train.global_batch_size, epoch=0):
+    stream = TrainBatches(dataset, cfg.train.global_batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                          seed=cfg.data.seed, epoch=0)
+    for batch in stream:
         batches.append((batch["image"].clone(), batch["text"].clone()))
         if len(batches) == count:
             break

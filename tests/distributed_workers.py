@@ -22,6 +22,8 @@ from clip_ray.eval.gather import gather_rows
 from clip_ray.loss import ClipLoss, build_loss
 from clip_ray.model import build_model
 from clip_ray.model.tokenizer import load_tokenizer
+from clip_ray.worker.context import WorkerContext
+from clip_ray.worker.loop import run_training
 
 GLOBAL_BATCH = 8
 MODEL_SEED = 0
@@ -125,6 +127,25 @@ def sharded_eval_worker(rank: int, world_size: int, rendezvous: str, ray_address
         rows = gather_rows(torch.full((rank, 3), float(rank)))
         result = {"metrics": metrics, "encoded": dict(evaluator.encoded), "gathered": rows}
         (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+        ray.shutdown()
+
+
+def training_worker(rank: int, world_size: int, rendezvous: str, ray_address: str, config_file: str,
+                    checkpoint_root: str, out_dir: str) -> None:
+    """Trains the pickled Config as one rank of a gloo group (resuming from checkpoint_root's latest
+    checkpoint, as a restarted Ray Train worker would); saves the loop's summary."""
+    torch.set_num_threads(1)
+    ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        config = pickle.loads(Path(config_file).read_bytes())
+        context = WorkerContext(checkpoint_root=Path(checkpoint_root), keep_checkpoints=10, rank=rank,
+                                world_size=world_size)
+        summary = run_training(config, context)
+        (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(summary))
     finally:
         dist.destroy_process_group()
         ray.shutdown()

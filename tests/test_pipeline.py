@@ -1,15 +1,15 @@
 """The Ray Data training stream on real Flickr8k photos, with a real local Ray.
 
-Workers are threads that each drain one split iterator, as Train workers would
-(a split's epoch starts only when every split asks for it).
+Each worker's share of an epoch is its own dataset (pipeline.rank_units); here the
+shares of a world are read one after another in the test process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -24,10 +24,8 @@ from clip_ray.data.formats import (
     DataError, FailureCounts, ShardWriter, list_shards, load_split, read_caption_csv, read_shard,
 )
 from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
-from clip_ray.data.stream.pipeline import (
-    build_eval_dataset, build_train_dataset, eval_batches, ingest_options, iter_worker_batches, split_for_workers,
-    train_batches, unit_key,
-)
+from clip_ray.data.stream.batches import StreamPosition, TrainBatches, eval_batches, iter_worker_batches
+from clip_ray.data.stream.pipeline import build_eval_dataset, build_train_dataset, plan_train_epoch, rank_units, unit_key
 from clip_ray.data.stream.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor, normalize
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -66,31 +64,20 @@ def _config(flickr, sources=None, **overrides) -> DataConfig:
                       shuffle_buffer=200, preprocess_batch_size=40, seed=7, **overrides)
 
 
-def _drain_in_threads(iterators, work) -> list:
-    """work(rank, iterator) for every split at once; exceptions come back to the test."""
-    results, errors = [None] * len(iterators), []
-
-    def run(rank):
-        try:
-            results[rank] = work(rank, iterators[rank])
-        except BaseException as err:  # noqa: BLE001 - handed to the test thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(len(iterators))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
+def _share(cfg, epoch, rank, world_size, tracker=None, stream=None, start=StreamPosition()):
+    """Worker `rank`'s dataset of the epoch, from `start` on."""
+    units = rank_units(plan_train_epoch(cfg, epoch), rank, world_size)
+    return build_train_dataset(cfg, IMAGE_SIZE, CONTEXT_LENGTH, epoch, tracker, stream, units=units, after=start.after)
 
 
-def _train_epoch(cfg, epoch, world_size, skip_batches=0, tracker=None) -> list[list[dict]]:
-    """Each worker's batches of one epoch, as the training loop would take them."""
-    dataset = build_train_dataset(cfg, IMAGE_SIZE, CONTEXT_LENGTH, epoch, tracker)
-    return _drain_in_threads(split_for_workers(dataset, world_size), lambda rank, it: list(
-        train_batches(it, cfg, BATCH, epoch, rank, skip_batches=skip_batches)))
+def _batches(cfg, dataset, epoch, rank=0, start=StreamPosition()) -> TrainBatches:
+    return TrainBatches(dataset, BATCH, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, rank=rank,
+                        start=start)
+
+
+def _train_epoch(cfg, epoch, world_size) -> list[list[dict]]:
+    """Each worker's batches of one epoch (all it has: the loop stops every worker at the shortest share)."""
+    return [list(_batches(cfg, _share(cfg, epoch, rank, world_size), epoch, rank)) for rank in range(world_size)]
 
 
 def _keys(batches) -> list[str]:
@@ -104,25 +91,29 @@ def epoch0(flickr) -> list[list[dict]]:
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_workers_share_an_epoch_exactly_once(flickr, world_size):
-    """Whole split (no partial batch dropped): equal shares, disjoint, all but N mod n rows."""
+    """Shares without the batching: disjoint, together every sample; as even as whole 100-sample shards allow
+    (7 shards: the last 7 mod n are shared sample by sample)."""
     all_keys = {s.key for s in flickr["samples"]}
     assert len(all_keys) == 5 * NUM_PHOTOS
-    dataset = build_train_dataset(_config(flickr), IMAGE_SIZE, CONTEXT_LENGTH, epoch=0)
-    shares = _drain_in_threads(split_for_workers(dataset, world_size), lambda rank, it: _keys(
-        iter_worker_batches(it, BATCH, drop_last=False)))
-    assert [len(share) for share in shares] == [len(all_keys) // world_size] * world_size
+    cfg = _config(flickr)
+    shares = [_keys(iter_worker_batches(_share(cfg, 0, rank, world_size), BATCH)) for rank in range(world_size)]
     seen = [key for share in shares for key in share]
-    assert len(seen) == len(set(seen)) and set(seen) <= all_keys
-    assert len(all_keys - set(seen)) == len(all_keys) % world_size
+    assert len(seen) == len(set(seen)) and set(seen) == all_keys
+    sizes = [len(share) for share in shares]
+    assert max(sizes) - min(sizes) <= 100, sizes
 
 
-def test_training_batches_are_full_and_steps_equal(flickr, epoch0):
+def test_training_batches_are_full_and_disjoint(flickr, epoch0):
     all_keys = {s.key for s in flickr["samples"]}
-    steps = len(all_keys) // (2 * BATCH)
-    assert [len(worker) for worker in epoch0] == [steps, steps]
+    assert all(len(batch["key"]) == BATCH for worker in epoch0 for batch in worker)
+    # Three whole shards each and the plan's last shard halved; a share gives all the full batches it holds.
+    sizes = {shard: sum(1 for _ in read_shard(shard)) for shard in list_shards(flickr["shards"])}
+    for rank, worker in enumerate(epoch0):
+        rows = sum(len(range(u["slice"], sizes[u["unit"]], u["slices"]))
+                   for u in rank_units(plan_train_epoch(_config(flickr), 0), rank, 2))
+        assert len(worker) == rows // BATCH
     trained = [key for worker in epoch0 for key in _keys(worker)]
-    assert len(trained) == len(set(trained)) == steps * 2 * BATCH
-    assert set(trained) <= all_keys and len(all_keys) - len(trained) < 2 * BATCH
+    assert len(trained) == len(set(trained)) and set(trained) <= all_keys
 
 
 def test_order_is_a_function_of_seed_and_epoch(flickr, epoch0):
@@ -153,32 +144,41 @@ def test_order_does_not_depend_on_where_the_data_lives(flickr, tmp_path):
     for folder in (str(here), os.path.relpath(elsewhere)):
         cfg = _config(flickr, sources=[SourceConfig(path=folder)])
         dataset = build_train_dataset(cfg, IMAGE_SIZE, CONTEXT_LENGTH, epoch=1)
-        runs.append(list(train_batches(dataset, cfg, BATCH, epoch=1)))
+        runs.append(list(_batches(cfg, dataset, epoch=1)))
     assert len(_keys(runs[0])) == (5 * NUM_PHOTOS) // BATCH * BATCH
     assert _keys(runs[0]) == _keys(runs[1])
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(*runs))
 
 
-def test_ray_train_dataset_shards_are_the_same_split(flickr, epoch0):
-    """Ray Train's get_dataset_shard splits with its DataConfig; with ingest_options it is our split."""
-    import ray.train
-
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_reads_only_what_is_left(flickr, world_size):
+    """From the position after batch k, the rebuilt stream yields exactly the batches k+1, ... of the
+    uninterrupted share, bit for bit, and decodes at most one shuffle window (192 rows) beyond them."""
     cfg = _config(flickr)
-    dataset = build_train_dataset(cfg, IMAGE_SIZE, CONTEXT_LENGTH, epoch=0)
-    node = ray.get_runtime_context().get_node_id()
-    shards = ray.train.DataConfig(execution_options=ingest_options()).configure(
-        {"train": dataset}, world_size=2, worker_handles=None, worker_node_ids=[node, node])
-    batches = _drain_in_threads([s["train"] for s in shards], lambda rank, it: list(
-        train_batches(it, cfg, BATCH, 0, rank)))
-    assert [_keys(worker) for worker in batches] == [_keys(worker) for worker in epoch0]
-
-
-def test_resume_skips_to_the_same_remaining_batches(flickr, epoch0):
-    resumed = _train_epoch(_config(flickr), epoch=0, world_size=2, skip_batches=3)
-    for full, rest in zip(epoch0, resumed):
-        assert len(rest) == len(full) - 3
-        assert _keys(rest) == _keys(full[3:])
-        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full[3:], rest))
+    window = 6 * BATCH  # shuffle_buffer 200 / batch 32, rounded
+    for rank in range(world_size):
+        stream = _batches(cfg, _share(cfg, 0, rank, world_size), 0, rank)
+        whole, positions = [], []
+        for batch in stream:
+            whole.append(batch)
+            positions.append(stream.position)
+        assert positions[3] == StreamPosition(0, 4, -1, -1)
+        # After a window's last batch, the position points past the window: its last row in stream order.
+        last_row = max((int(u), int(o)) for batch in whole[:6] for u, o in zip(batch["unit"], batch["ordinal"]))
+        assert positions[5] == StreamPosition(1, 0, *last_row)
+        for k in (0, 3, 5, len(whole) - 2):  # inside the first window, at its end, inside the last
+            tracker = FailureTracker()
+            stream_name = f"resume-{world_size}-{rank}-{k}"
+            dataset = _share(cfg, 0, rank, world_size, tracker, stream_name, start=positions[k])
+            rest = list(_batches(cfg, dataset, 0, rank, start=positions[k]))
+            assert _keys(rest) == _keys(whole[k + 1:]), k
+            assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+                       for a, b in zip(rest, whole[k + 1:]))
+            decoded = tracker.total(stream_name).ok
+            assert decoded <= (len(whole) - k - 1) * BATCH + window + BATCH, (k, decoded)
+        # Resumed near the end, the share's first units are not even read.
+        late = _keys(iter_worker_batches(_share(cfg, 0, rank, world_size, start=positions[-2]), BATCH))
+        assert len(late) < window + 2 * BATCH
 
 
 def test_batches_have_fixed_shapes_and_the_pixels_of_the_sample(flickr, epoch0):
@@ -205,8 +205,7 @@ def test_uint8_images_normalised_on_the_worker_match_float_images(flickr, epoch0
     """World size 1, in-process: the dataset itself is the worker's share; crops depend on the sample only."""
     cfg = _config(flickr, uint8_images=True)
     dataset = build_train_dataset(cfg, IMAGE_SIZE, CONTEXT_LENGTH, epoch=0)
-    raw, on_device = next(zip(iter_worker_batches(dataset, BATCH, normalize=False),
-                              train_batches(dataset, cfg, BATCH, epoch=0)))
+    raw, on_device = next(zip(iter_worker_batches(dataset, BATCH, normalize=False), _batches(cfg, dataset, 0)))
     assert raw["image"].dtype == torch.uint8 and raw["image"].shape == (BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert on_device["image"].dtype == torch.float32
     as_float = {key: batch["image"][i] for worker in epoch0 for batch in worker for i, key in enumerate(batch["key"])}
@@ -248,6 +247,18 @@ def test_failure_counts_come_back_exactly(flickr, tmp_path):
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "mixed")) + ".*16.7% of items failed"):
         tracker.check(train_stream(0), 0.1)
     tracker.check(train_stream(0), 0.1, final=False)  # too few items to judge mid-epoch
+
+
+def test_a_shard_shared_by_every_worker_is_split_and_counted_once(flickr, tmp_path):
+    """One shard, three workers: each decodes every third sample; read failures are counted once."""
+    expected = _write_bad_shard(tmp_path / "mixed", flickr["samples"][:30], flickr["samples"][0].image)
+    cfg = _config(flickr, sources=[SourceConfig(path=str(tmp_path / "mixed"))], max_failure_fraction=0.2)
+    tracker = FailureTracker()
+    shares = [_keys(iter_worker_batches(_share(cfg, 0, rank, 3, tracker), 8)) for rank in range(3)]
+    assert sorted(key for share in shares for key in share) == sorted(f"good{i}" for i in range(30))
+    assert all(9 <= len(share) <= 11 for share in shares), shares
+    counts = tracker.counts(train_stream(0))[str(tmp_path / "mixed")]
+    assert counts.ok == 30 and counts.failed == expected
 
 
 @pytest.mark.parametrize("broken", ["all_bad", "missing"])

@@ -7,11 +7,16 @@ inside the epoch, and the resumed stream skips exactly the consumed batches.
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+import torch.multiprocessing as mp
+from distributed_workers import training_worker
 
 from clip_ray.config import DemoDataConfig, load_config
 from clip_ray.data.demo.synthetic import generate_demo_data
@@ -25,15 +30,24 @@ from clip_ray.worker.loop import run_training
 RAY_INIT_KWARGS = {"num_cpus": 2, "log_to_driver": False}  # for conftest's ray_cluster
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("demo")
-    dataset = generate_demo_data(root, DemoDataConfig(image_size=32, num_train=480, num_val=64,
+def _demo(root: Path, num_train: int):
+    dataset = generate_demo_data(root, DemoDataConfig(image_size=32, num_train=num_train, num_val=64,
                                                       num_zeroshot_per_class=4, samples_per_shard=80))
     captions = [s.caption for shard in dataset.train_shards for s in read_tar_shard(shard)]
     tokenizer = root / "tokenizer.json"
     train_bpe_tokenizer(captions, vocab_size=300).save(tokenizer)
     return root, dataset, tokenizer
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, ray_cluster):
+    return _demo(tmp_path_factory.mktemp("demo"), num_train=480)
+
+
+@pytest.fixture(scope="module")
+def uneven_demo(tmp_path_factory, ray_cluster):
+    """Five shards of 80 pairs and one of 40: two workers get three shards each, 240 and 200 pairs."""
+    return _demo(tmp_path_factory.mktemp("uneven"), num_train=440)
 
 
 def _config(demo, tmp_path, steps: int, **extra):
@@ -112,3 +126,42 @@ def test_compiled_training_follows_the_eager_run(demo, tmp_path):
     drift = max((weights["eager"][n] - weights["compiled"][n]).abs().max().item() for n in weights["eager"])
     assert drift < 1e-4, f"compiled weights drifted {drift} from eager"
     assert results["compiled"]["final"]["val/loss"] == pytest.approx(results["eager"]["final"]["val/loss"], rel=1e-4)
+
+
+def _train_on_two_ranks(config, checkpoint_root: Path, tmp_path: Path) -> list[dict]:
+    """run_training on two gloo ranks in their own processes (each with its own Ray Data stream)."""
+    work = Path(tmp_path) / f"ranks-{checkpoint_root.name}"
+    work.mkdir()
+    (work / "config.pkl").write_bytes(pickle.dumps(config))
+    multiprocessing.set_forkserver_preload(["distributed_workers"])
+    mp.start_processes(training_worker, nprocs=2, join=True, start_method="forkserver",
+                       args=(2, f"file://{work}/rendezvous", ray.get_runtime_context().gcs_address,
+                             str(work / "config.pkl"), str(checkpoint_root), str(work)))
+    return [pickle.loads((work / f"rank{rank}.pkl").read_bytes()) for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_two_workers_end_epochs_together_and_resume_from_their_own_places(uneven_demo, tmp_path):
+    """Shares of 240 and 200 pairs at 16 per worker and step: epoch 0 is 12 steps, the shorter share's.
+    Resumed mid-epoch (step 6) and at the epoch's last step (12, where one worker still had pairs), two
+    workers end bit for bit where the uninterrupted pair ends."""
+    config = _config(uneven_demo, tmp_path, steps=16, **{"train.eval_every": 0, "train.checkpoint_every": 6,
+                                                         "cluster.num_workers": 2})
+    whole = tmp_path / "whole"
+    summaries = _train_on_two_ranks(config, whole, tmp_path)
+    assert [(s["step"], s["epoch"], s["batches_in_epoch"]) for s in summaries] == [(16, 1, 4)] * 2
+    at_epoch_end = load_training_state(whole / "checkpoint_000000012")["data_position"]
+    assert at_epoch_end["epoch"] == 0 and at_epoch_end["batches_in_epoch"] == 12
+    # Each worker's own place: one has used its share up to the last full batch, the other has not.
+    streams = at_epoch_end["streams"]
+    assert len(streams) == 2 and streams[0] != streams[1]
+
+    expected = _final_weights(whole)
+    for step in (6, 12):
+        resumed = tmp_path / f"resumed-{step}"
+        name = f"checkpoint_{step:09d}"
+        shutil.copytree(whole / name, resumed / name)
+        summaries = _train_on_two_ranks(config, resumed, tmp_path)
+        assert all(s["step"] == 16 and s["epoch"] == 1 for s in summaries)
+        actual = _final_weights(resumed)
+        assert all(torch.equal(actual[n], expected[n]) for n in expected), step

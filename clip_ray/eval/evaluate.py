@@ -23,7 +23,8 @@ from torch import nn
 
 from clip_ray.config import Config
 from clip_ray.data.formats import FailureCounts
-from clip_ray.data.stream.pipeline import build_eval_dataset, eval_batches
+from clip_ray.data.stream.batches import eval_batches
+from clip_ray.data.stream.pipeline import build_eval_dataset
 from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.eval.gather import broadcast_from_rank0, gather_objects, gather_rows, shard
 from clip_ray.eval.retrieval import retrieval_recall

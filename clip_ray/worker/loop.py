@@ -4,16 +4,17 @@ Ray Train runs it on every worker through clip_ray.worker.entry.train_worker; a
 test can call `run_training` in-process with a `WorkerContext` (world size 1).
 One pass of the loop is:
 
-    epoch e: rank 0 builds the epoch's Ray Data stream (shard order seeded by
-             (seed, e)), splits it and hands each rank its iterator
-    each batch: train_step (DDP, global-batch loss, accumulation) -> log_step ->
+    epoch e: rank 0 plans the epoch (unit order seeded by (seed, e)); each rank
+             streams its share of the units through Ray Data (epoch_data)
+    each batch: train_step (DDP, global-batch loss, accumulation; the ranks also
+             agree whether all have another batch) -> log_step ->
              maybe evaluate (every rank its share; or, with eval.mode async, hand
              the weights to a background actor) -> maybe checkpoint (ray.train.report)
 
 Exact resume: a checkpoint stores the DataPosition (step, epoch, batches this
-epoch already consumed) plus every RNG. A resumed worker rebuilds the same epoch
-stream and skips that many batches, so it continues with the batch that would
-have come next.
+epoch already consumed), every rank's place in its stream, and every RNG. A
+resumed worker restarts its stream from its place without reading the units it
+had finished, so it continues with the batch that would have come next.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ import torch.distributed as dist
 
 from clip_ray.config import Config, to_dict
 from clip_ray.data.formats import DataError, FailureCounts
-from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
-from clip_ray.data.stream.pipeline import build_train_dataset, split_for_workers, train_batches
 from clip_ray.eval.background import BackgroundEvaluations
 from clip_ray.eval.evaluate import Evaluator
 from clip_ray.loss import build_loss
@@ -44,6 +43,7 @@ from clip_ray.worker.checkpoint import (
     gather_rng_states, load_training_state, restore_training_state, save_training_state,
 )
 from clip_ray.worker.context import WorkerContext
+from clip_ray.worker.epoch_data import EpochData
 from clip_ray.worker.optim import build_optimizer, lr_at, make_grad_scaler, set_lr
 from clip_ray.worker.position import DataPosition
 from clip_ray.worker.step import StepResult, TrainStep
@@ -59,34 +59,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class EpochData:
-    """Each rank's batches of one epoch; rank 0 builds and splits the stream, then shares the pieces."""
-
-    def __init__(self, config: Config, context: WorkerContext):
-        self.config = config
-        self.context = context
-        self.batch_size = config.train.global_batch_size // context.world_size
-        self.failures = FailureTracker() if context.rank == 0 else None
-
-    def batches(self, epoch: int, skip_batches: int):
-        cfg, rank, world = self.config, self.context.rank, self.context.world_size
-        pieces: list = [None] * world
-        if rank == 0:
-            dataset = build_train_dataset(cfg.data, cfg.model.vision.image_size, cfg.model.text.context_length,
-                                          epoch, self.failures, train_stream(epoch))
-            pieces = split_for_workers(dataset, world) if world > 1 else [dataset]
-        if world > 1:  # the split's iterators are picklable handles on one coordinator
-            dist.broadcast_object_list(pieces, src=0)
-        return train_batches(pieces[rank], cfg.data, self.batch_size, epoch, rank, skip_batches,
-                             device=self.context.device)
-
-    def failure_counts(self, epoch: int, final: bool) -> dict[str, FailureCounts]:
-        """Rank 0 only: counts per source; raises DataError when a source fails too often."""
-        if self.failures is None:
-            return {}
-        return self.failures.check(train_stream(epoch), self.config.data.max_failure_fraction, final=final)
 
 
 def _failure_metrics(counts: dict[str, FailureCounts]) -> dict[str, float]:
@@ -131,20 +103,7 @@ def run_training(config: Config, context: WorkerContext) -> dict:
             evaluate(run, "before")
         run.last_log_time, run.last_log_step = time.perf_counter(), position.step
         while position.step < steps:
-            for batch in run.data.batches(position.epoch, position.batches_in_epoch):
-                if train_step(run, batch).skipped:
-                    continue
-                if position.step % config.train.log_every == 0 or position.step == steps:
-                    log_step(run)
-                    report_background(run)
-                if position.step == steps:
-                    break
-                if _due(position.step, config.train.eval_every):
-                    evaluate(run, f"step-{position.step}")
-                if _due(position.step, config.train.checkpoint_every):
-                    checkpoint(run, {"train/loss": run.last_loss})
-            else:
-                end_epoch(run)
+            train_epoch(run)
         report_background(run, wait_s=config.eval.async_wait_s)  # nothing outstanding is lost
         final = evaluate(run, "final")
         checkpoint(run, {"train/loss": run.last_loss, **final})
@@ -158,6 +117,26 @@ def run_training(config: Config, context: WorkerContext) -> dict:
             **position.as_dict(), "mlflow_run_id": run.tracker.run_id}
 
 
+def train_epoch(run: WorkerRun) -> None:
+    """The rest of the current epoch, or up to train.steps; evaluations and checkpoints when due."""
+    config, position = run.config, run.position
+    for batch, has_next_batch in run.data.batches(position.epoch):
+        result = train_step(run, batch, has_next_batch)
+        if not result.skipped:
+            if position.step % config.train.log_every == 0 or position.step == config.train.steps:
+                log_step(run)
+                report_background(run)
+            if position.step == config.train.steps:
+                return
+            if _due(position.step, config.train.eval_every):
+                evaluate(run, f"step-{position.step}")
+            if _due(position.step, config.train.checkpoint_every):
+                checkpoint(run, {"train/loss": run.last_loss})
+        if not result.more:  # some rank's share is used up: the epoch ends here for every rank
+            break
+    end_epoch(run)
+
+
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -169,12 +148,13 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, config.train, config.model)
     scaler = make_grad_scaler(config.train.precision, device.type)
-    position, mlflow_run_id = DataPosition(), None
+    position, mlflow_run_id, data = DataPosition(), None, EpochData(config, context)
     resume_dir = context.latest_checkpoint()
     if resume_dir is not None:
         state = load_training_state(resume_dir, map_location=device)
         restore_training_state(state, model, optimizer, scaler)
         position = DataPosition.from_dict(state["data_position"])
+        data.restore(state["data_position"])
         mlflow_run_id = state.get("mlflow_run_id")
         if context.rank == 0:
             log.info("resuming from %s at step %d (epoch %d, batch %d of the epoch)", resume_dir,
@@ -195,15 +175,15 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     if config.eval.mode == "async":
         background = BackgroundEvaluations(config, context.rank, context.world_size)
     return WorkerRun(config=config, context=context, model=model, optimizer=optimizer, step_fn=step_fn,
-                     tokenizer=tokenizer, tracker=tracker, evaluator=evaluator, data=EpochData(config, context),
+                     tokenizer=tokenizer, tracker=tracker, evaluator=evaluator, data=data,
                      position=position, background=background)
 
 
-def train_step(run: WorkerRun, batch: dict) -> StepResult:
+def train_step(run: WorkerRun, batch: dict, has_next_batch: bool = True) -> StepResult:
     """One optimiser step at the scheduled learning rate; a non-finite one is skipped, not counted."""
     position = run.position
     set_lr(run.optimizer, lr_at(position.step, run.config.train))
-    result = run.step_fn(batch["image"], batch["text"])
+    result = run.step_fn(batch["image"], batch["text"], has_next_batch)
     position.consume_batch(run.config.train.global_batch_size, run.step_fn.total_nonfinite)
     if result.skipped:
         log.warning("non-finite loss at step %d: step skipped (%d in a row)", position.step,
@@ -269,15 +249,17 @@ def _record_evaluation(run: WorkerRun, tag: str, step: int, metrics: dict) -> No
 
 
 def checkpoint(run: WorkerRun, metrics: dict) -> None:
-    """Every rank's RNGs gathered, rank 0 writes the checkpoint, every rank reports it (collective)."""
+    """Every rank's RNGs and stream place gathered, rank 0 writes the checkpoint, every rank reports it
+    (collective)."""
     position = run.position
     rng = gather_rng_states()
+    data_position = {**position.as_dict(), **run.data.positions(position.epoch)}
     directory = None
     if run.context.rank == 0:
         directory = Path(tempfile.mkdtemp(prefix="clip-ray-ckpt-"))
         save_training_state(directory, model=run.model, optimizer=run.optimizer, scaler=run.step_fn.scaler,
                             step=position.step, epoch=position.epoch, samples_seen=position.samples_seen,
-                            data_position=position.as_dict(), rng_states=rng, mlflow_run_id=run.tracker.run_id,
+                            data_position=data_position, rng_states=rng, mlflow_run_id=run.tracker.run_id,
                             config=run.config)
     run.context.report({**metrics, **position.as_dict()}, directory)
 
@@ -288,9 +270,10 @@ def end_epoch(run: WorkerRun) -> None:
     counts = run.data.failure_counts(position.epoch, final=True)
     run.tracker.log_metrics({f"epoch/{k}": v for k, v in _failure_metrics(counts).items()}, position.step)
     if position.batches_in_epoch == 0:
-        raise DataError(f"epoch {position.epoch} gave no full batch of "
-                        f"{run.data.batch_size} pairs per worker")
+        raise DataError(f"epoch {position.epoch} gave no full batch of {run.data.batch_size} pairs "
+                        "to every worker (each worker reads its own share of the epoch's shards)")
     position.next_epoch()
+    run.data.next_epoch()
 
 
 def finish(run: WorkerRun) -> None:

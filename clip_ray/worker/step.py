@@ -21,6 +21,8 @@ BatchNorm still normalises per micro-batch, as with any accumulation.
 A non-finite loss, or (without an fp16 loss scaler, whose own job that is) a
 non-finite gradient, skips the step on every rank: one all-reduce after the
 backward makes the ranks agree, so collectives stay matched. Skips are counted.
+The same all-reduce tells every rank whether all of them have another batch this
+epoch (their shares of an epoch differ in length), at no extra synchronisation.
 """
 
 from __future__ import annotations
@@ -48,15 +50,17 @@ class StepResult:
     loss: float
     skipped: bool
     grad_norm: float | None = None
+    more: bool = True  # every rank has another batch this epoch
 
 
-def _all_ranks_finite(*values: torch.Tensor) -> bool:
-    """Whether every value is finite on every rank: one all-reduce and one host sync."""
+def _all_ranks_agree(values: tuple[torch.Tensor, ...], has_next_batch: bool) -> tuple[bool, bool]:
+    """(every value is finite on every rank, every rank has another batch): one all-reduce, one host sync."""
     finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
-    finite = finite.to(torch.float32).reshape(1)
+    flags = torch.stack([finite.to(torch.float32), finite.new_tensor(float(has_next_batch), dtype=torch.float32)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, more = flags.tolist()
+    return bool(finite), bool(more)
 
 
 def _batch_norm_buffers(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
@@ -89,7 +93,7 @@ class TrainStep:
     def autocast(self):
         return autocast_context(self.cfg.precision, self.device.type)
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> StepResult:
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, has_next_batch: bool = True) -> StepResult:
         if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
             # CUDA graphs reuse their output memory: tell them the previous step's outputs are dead.
             torch.compiler.cudagraph_mark_step_begin()
@@ -102,15 +106,16 @@ class TrainStep:
         grad_norm = clip_gradients(self.module.parameters(), self.cfg.grad_clip_norm, self.optimizer, self.scaler)
         # An fp16 scaler skips steps with inf/NaN gradients itself (and lowers its scale): not a failure.
         checked = (loss,) if self.scaler.is_enabled() else (loss, grad_norm)
-        if not _all_ranks_finite(*checked):
-            return self._skip()
+        finite, more = _all_ranks_agree(checked, has_next_batch)
+        if not finite:
+            return self._skip(more)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         clamp_logit_scale(self.module)
         self.consecutive_nonfinite = 0
-        return StepResult(loss=float(loss), skipped=False, grad_norm=float(grad_norm))
+        return StepResult(loss=float(loss), skipped=False, grad_norm=float(grad_norm), more=more)
 
-    def _skip(self) -> StepResult:
+    def _skip(self, more: bool) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
             self.scaler.update()  # closes the step clip_gradients unscaled (and lowers the scale)
@@ -122,7 +127,7 @@ class TrainStep:
                 f"(train.max_consecutive_nonfinite={self.cfg.max_consecutive_nonfinite}); stopping. "
                 "The last checkpoint written before them is intact; lower train.lr, enable "
                 "train.grad_clip_norm or use bf16 instead of fp16.")
-        return StepResult(loss=float("nan"), skipped=True)
+        return StepResult(loss=float("nan"), skipped=True, more=more)
 
     def _backward_whole(self, images, texts) -> torch.Tensor:
         with self.autocast():

@@ -23,12 +23,12 @@ def train_stream(epoch: int) -> str:
 
 @ray.remote(num_cpus=0)
 class _FailureLedger:
-    """Each unit's FailureCounts by (stream, source, unit index); the last report of a unit wins."""
+    """Each unit's FailureCounts by (stream, source, unit); the last report of a unit wins."""
 
     def __init__(self):
-        self.reports: dict[str, dict[tuple[str, int], dict]] = {}
+        self.reports: dict[str, dict[tuple[str, str], dict]] = {}
 
-    def report(self, stream: str, source: str, unit: int, counts: dict) -> None:
+    def report(self, stream: str, source: str, unit: str, counts: dict) -> None:
         self.reports.setdefault(stream, {})[(source, unit)] = counts
 
     def counts(self, stream: str) -> dict[str, dict]:
@@ -39,6 +39,14 @@ class _FailureLedger:
 
     def forget(self, stream: str) -> None:
         self.reports.pop(stream, None)
+
+    def snapshot(self, stream: str) -> dict[str, dict]:
+        return {f"{source}\t{unit}": counts for (source, unit), counts in self.reports.get(stream, {}).items()}
+
+    def restore(self, stream: str, snapshot: dict[str, dict]) -> None:
+        for name, counts in snapshot.items():
+            source, _, unit = name.rpartition("\t")
+            self.reports.setdefault(stream, {})[(source, unit)] = counts
 
 
 class FailureTracker:
@@ -54,7 +62,7 @@ class FailureTracker:
         options = {"name": name, "get_if_exists": True} if name else {}
         self.actor = _FailureLedger.options(**options).remote()
 
-    def report(self, stream: str, source: str, unit: int, counts: FailureCounts) -> None:
+    def report(self, stream: str, source: str, unit: str, counts: FailureCounts) -> None:
         """Blocks until recorded, so a task's counts are in before its last rows are visible."""
         ray.get(self.actor.report.remote(stream, source, unit, counts.to_dict()))
 
@@ -82,3 +90,12 @@ class FailureTracker:
 
     def forget(self, stream: str) -> None:
         self.actor.forget.remote(stream)
+
+    def snapshot(self, stream: str) -> dict[str, dict]:
+        """The stream's reports so far, as plain values a checkpoint can hold."""
+        return ray.get(self.actor.snapshot.remote(stream))
+
+    def restore(self, stream: str, snapshot: dict[str, dict]) -> None:
+        """Reports from a checkpoint's snapshot: a resumed epoch does not read its consumed units again.
+        A unit read again in part (the one a resume starts inside) reports only its rest."""
+        ray.get(self.actor.restore.remote(stream, snapshot))

@@ -1,71 +1,66 @@
-"""The Ray Data stream that feeds training workers image-text batches of fixed shape.
+"""The Ray Data stream that feeds training workers image-text rows of fixed shape.
 
 One epoch, end to end:
 
-    driver: each source -> units (its shards; or slices of a caption table)
-            -> plan_mixture(seed, epoch): the epoch's units, in a seeded order
-    ray.data.from_items(one row per planned unit)              nothing is materialised:
-      -> map_batches(_preprocess_units), CPU tasks, any node:  rows stream through the
-           read the unit (any pyarrow URI)                     object store and are gone
-           -> shuffle it in a buffer of `shuffle_buffer` encoded samples
+    rank 0: each source -> units (its shards; or slices of a caption table)
+            -> plan_train_epoch(seed, epoch): the epoch's units, in a seeded order
+    worker r: rank_units(plan, r, n): its share of the units
+      ray.data.from_items(one row per unit)                     nothing is materialised:
+      -> map_batches(_preprocess_units), CPU tasks, any node:   rows stream through the
+           read the unit (any pyarrow URI)                      object store and are gone
+           -> shuffle it in a buffer of `shuffle_buffer` encoded samples, number them (ordinals)
+           -> drop the ordinals a resume has consumed, before decoding them
            -> decode + crop + normalise + tokenize, `preprocess_batch_size` rows at a time
            -> report the unit's FailureCounts to the FailureTracker actor
-      -> streaming_split(n, equal=True)    (Ray Train's get_dataset_shard does the same)
-    worker r: iter_batches(local shuffle of `shuffle_buffer` rows, drop_last) -> skip K -> torch
+      -> batches.TrainBatches: windows of ~`shuffle_buffer` rows, each permuted -> batches -> torch
 
-What is guaranteed, per epoch, for N usable samples, n workers, per-worker batch B:
+Shares. Worker r takes units r, r + n, r + 2n, ... of the first n * floor(U / n)
+units of the plan; each of the last U mod n units is shared by all workers,
+worker r taking every n-th of its samples from the r-th on (with fewer units than
+workers, every unit is shared so). Every usable sample of the epoch is in exactly
+one worker's share, and shares differ by at most a unit's worth of rows. Each
+worker has its own dataset, so a resumed worker can start its own stream from its
+own place; there is no split coordinator, and no worker waits for another's reads.
 
-- Coverage: every planned unit is read once and each of its usable samples is
-  emitted once. `streaming_split(n, equal=True)` hands each worker floor(N / n)
-  disjoint rows and drops the N mod n left over (Ray 2.60 truncates them; it never
-  duplicates); each worker then drops its last partial batch. So every sample is
-  seen at most once, all but N mod (n * B) of them (less than one global batch)
-  are seen, and every worker takes the same number of steps, floor(N / (n * B)).
-  With several sources weighted away from their shard counts, an "epoch" is the
-  plan_mixture epoch: sum(shards) unit reads mixed by weight.
+What is guaranteed, per epoch, for per-worker batch B:
+
+- Coverage: every sample is seen at most once. The workers take the same number
+  of steps: the epoch ends when the shortest share has no full batch left (the
+  training loop agrees on it, see worker.epoch_data), so what is dropped is the
+  difference between shares plus less than a batch per worker.
 - Order: a pure function of (config, epoch, n, rank), and not of where the data
   lives: units are planned and shuffled by their source's position in the config
-  and their path within the source (`unit_key`). The datasets built here run
-  with `preserve_order`, under which the split assigns blocks by row counts alone
-  (to the worker with the fewest rows so far) and ignores locality. Ray Train
-  overwrites a dataset's execution options with its own defaults: pass
-  `ray.train.DataConfig(execution_options=ingest_options())` to keep the order.
-- Resume: Ray Data has no mid-epoch checkpoint. A worker that had taken K batches
-  of epoch e rebuilds the epoch-e dataset (same config and world size) and calls
-  `train_batches(..., skip_batches=K)`: it yields exactly the batches K, K+1, ...
-  of the uninterrupted epoch. The skipped rows are read and preprocessed again,
-  once, at the pipeline's full speed; nothing else is kept.
+  and their path within the source (`unit_key`); datasets run with
+  `preserve_order`, and the crop of a sample is seeded by the sample itself.
+- Resume: a row carries its unit's plan index and its ordinal; a StreamPosition
+  (batches module) names the last row before the current shuffle window, and the
+  stream rebuilt `after` it reads no unit before that row's unit and decodes none
+  of that unit's earlier ordinals. At most one window is decoded again.
 - Failures: bad samples are skipped and counted by reason inside the tasks; each
-  unit's counts go to a FailureTracker actor (keyed by unit, so a retried task
-  overwrites rather than adds) before the unit's last rows are emitted. When a
-  worker's iterator ends, every unit has reported: `tracker.check(stream, ...)`
-  then raises DataError naming a source that failed too often or gave nothing.
-
-An epoch's dataset is built where it is needed: by the driver for Ray Train's
-`datasets=`, or, for a new shard order every epoch, by rank 0 at each epoch start
-(`split_for_workers` returns picklable iterators it can broadcast). World size 1
-needs no split: `train_batches(dataset, ...)` reads the dataset directly.
+  unit's counts go to a FailureTracker actor (keyed by unit and slice, so a retried
+  task overwrites rather than adds) before the unit's last rows are emitted. When a
+  worker's iterator ends, every unit of its share has reported:
+  `tracker.check(stream, ...)` then raises DataError naming a source that failed
+  too often or gave nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import os
 import random
-import warnings
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import ray
-import torch
 
 from clip_ray.config import DataConfig, SourceConfig
 from clip_ray.data.formats import DataError, FailureCounts, FailureReason, Sample, list_shards, read_shard
 from clip_ray.data.formats.folders import load_caption_csv, load_coco_captions, load_split, samples_from_table
 from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
 from clip_ray.data.stream.mixing import MixSource, plan_mixture
-from clip_ray.data.stream.preprocess import Preprocessor, normalize_on_device
+from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.model.tokenizer import load_tokenizer
 from clip_ray.storage import basename, is_uri, under
 
@@ -187,22 +182,42 @@ def _chunks(samples: Iterable[Sample], size: int) -> Iterator[tuple[list[Sample]
     yield chunk, True
 
 
+def _unit_samples(source: SourceConfig, row: dict, read_counts: FailureCounts, shuffle_buffer: int,
+                  seed: int, epoch: int) -> Iterator[tuple[int, Sample]]:
+    """(ordinal, sample) of one planned unit (or its slice) in its seeded shuffled order, from `row["first"]` on.
+
+    Ordinals number the unit's samples in that order before anything is decoded, so a resumed stream
+    skips the consumed ones without decoding them; bad samples keep their ordinal and are skipped later.
+    """
+    samples = _read_unit(source, str(row["unit"]), str(row["piece"]), read_counts)
+    if row["slices"] > 1:  # a unit shared by every worker: each takes every slices-th sample, in file order
+        samples = itertools.islice(samples, int(row["slice"]), None, int(row["slices"]))
+    rng = random.Random(f"{seed}/{epoch}/{row['index']}/{row['key']}")
+    numbered = enumerate(_shuffled(samples, shuffle_buffer, rng))
+    return itertools.dropwhile(lambda item: item[0] < row["first"], numbered)
+
+
 def _preprocess_units(
     rows: dict[str, np.ndarray], *, sources: dict[str, SourceConfig], preprocessor: dict, tokenizer: ray.ObjectRef,
     shuffle_buffer: int, chunk_size: int, seed: int, epoch: int, tracker: FailureTracker | None, stream: str,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray task body: planned units in, preprocessed batches out (see the module docstring)."""
     prepare = Preprocessor(tokenize=_shared_tokenizer(tokenizer), seed=seed, epoch=epoch, **preprocessor)
-    for index, source, unit, key, piece in zip(rows["index"], rows["source"], rows["unit"], rows["key"],
-                                               rows["piece"]):
+    for i in range(len(rows["index"])):
+        row = {name: column[i] for name, column in rows.items()}
         read_counts, decode_counts = FailureCounts(), FailureCounts()
-        rng = random.Random(f"{seed}/{epoch}/{index}/{key}")
-        samples = _shuffled(_read_unit(sources[source], unit, piece, read_counts), shuffle_buffer, rng)
-        for chunk, is_last in _chunks(samples, chunk_size):
-            batch = prepare.batch(chunk, decode_counts, str(key))
+        numbered = _unit_samples(sources[row["source"]], row, read_counts, shuffle_buffer, seed, epoch)
+        for chunk, is_last in _chunks(numbered, chunk_size):
+            batch = prepare.batch([sample for _, sample in chunk], decode_counts, str(row["key"]))
             if is_last and tracker is not None:  # recorded before the unit's last rows can reach a worker
-                tracker.report(stream, str(source), int(index), read_counts.followed_by(decode_counts))
+                # Every slice of a shared unit reads all of it: its read failures are slice 0's to count.
+                read = read_counts if row["slice"] == 0 else FailureCounts()
+                tracker.report(stream, str(row["source"]), f"{row['index']}/{row['slice']}",
+                               read.followed_by(decode_counts))
             if batch is not None:
+                kept = batch.pop("kept")
+                batch["unit"] = np.full(len(kept), row["index"], dtype=np.int64)
+                batch["ordinal"] = np.array([chunk[j][0] for j in kept], dtype=np.int64)
                 yield batch
 
 
@@ -216,7 +231,7 @@ def _build(
     preprocessor = {"image_size": image_size, "context_length": context_length, "train": train,
                     "crop_scale": tuple(data_cfg.crop_scale), "uint8_images": data_cfg.uint8_images,
                     "max_pixels": data_cfg.max_pixels}
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+    dataset = ray.data.from_items(units, override_num_blocks=max(len(units), 1)).map_batches(
         _preprocess_units,
         batch_size=1,  # one unit per task: units are already sized to be a task's work
         batch_format="numpy",
@@ -230,16 +245,8 @@ def _build(
     return dataset
 
 
-def build_train_dataset(
-    data_cfg: DataConfig, image_size: int, context_length: int, epoch: int = 0,
-    tracker: FailureTracker | None = None, stream: str | None = None,
-) -> ray.data.Dataset:
-    """The training stream of one epoch: mixed by weight, shard order and crops seeded by (seed, epoch).
-
-    Rows: image [3, S, S] float32 (uint8 with data_cfg.uint8_images), text [L]
-    int64, key and image_id strings. Failures go to `tracker` under `stream`
-    (default train_stream(epoch)). Lazy: nothing runs until it is iterated.
-    """
+def plan_train_epoch(data_cfg: DataConfig, epoch: int) -> list[dict]:
+    """The units of one training epoch in their seeded order (lists every source: plan once per job)."""
     if not data_cfg.train:
         raise DataError("data.train lists no source")
     names = _source_names(data_cfg.train)
@@ -250,13 +257,41 @@ def build_train_dataset(
         pieces.update(units)
         # Planned under its position, not its path (the name), so the plan does not depend on where data lives.
         mix.append(MixSource(str(position), [unit for unit, _ in units], source.weight))
-    plan = plan_mixture(mix, seed=data_cfg.seed, epoch=epoch)
-    units = []
-    for i, planned in enumerate(plan):
+    plan = []
+    for i, planned in enumerate(plan_mixture(mix, seed=data_cfg.seed, epoch=epoch)):
         name = names[int(planned.source)]
-        units.append({"index": i, "source": name, "unit": planned.path, "key": unit_key(sources[name], planned.path),
-                      "piece": pieces[planned.path]})
-    return _build(units, sources, data_cfg, image_size, context_length, True, epoch, tracker,
+        plan.append({"index": i, "source": name, "unit": planned.path, "key": unit_key(sources[name], planned.path),
+                     "piece": pieces[planned.path]})
+    return plan
+
+
+def rank_units(plan: list[dict], rank: int, world_size: int) -> list[dict]:
+    """One worker's share of an epoch's plan, in plan order (see "Shares" in the module docstring)."""
+    whole = len(plan) - len(plan) % world_size
+    mine = [dict(unit, slice=0, slices=1) for unit in plan[rank:whole:world_size]]
+    return mine + [dict(unit, slice=rank, slices=world_size) for unit in plan[whole:]]
+
+
+def build_train_dataset(
+    data_cfg: DataConfig, image_size: int, context_length: int, epoch: int = 0,
+    tracker: FailureTracker | None = None, stream: str | None = None, *,
+    units: list[dict] | None = None, after: tuple[int, int] = (-1, -1),
+) -> ray.data.Dataset:
+    """One worker's training stream of one epoch: its `units` (default: the whole epoch's plan), from
+    just after the row `after` = (unit index, ordinal) on, without reading any unit before it.
+
+    Rows: image [3, S, S] float32 (uint8 with data_cfg.uint8_images), text [L]
+    int64, key and image_id strings, unit (plan index) and ordinal int64 (what a
+    StreamPosition records). Failures go to `tracker` under `stream` (default
+    train_stream(epoch)). Lazy: nothing runs until it is iterated.
+    """
+    if units is None:
+        units = rank_units(plan_train_epoch(data_cfg, epoch), 0, 1)
+    after_unit, after_ordinal = after
+    remaining = [dict(unit, first=after_ordinal + 1 if unit["index"] == after_unit else 0)
+                 for unit in units if unit["index"] >= after_unit]
+    sources = dict(zip(_source_names(data_cfg.train), data_cfg.train))
+    return _build(remaining, sources, data_cfg, image_size, context_length, True, epoch, tracker,
                   stream or train_stream(epoch))
 
 
@@ -272,83 +307,5 @@ def build_eval_dataset(
     for name, source in sources.items():
         for unit, piece in source_units(source, name):
             units.append({"index": len(units), "source": name, "unit": unit, "key": unit_key(source, unit),
-                          "piece": piece})
+                          "piece": piece, "slice": 0, "slices": 1, "first": 0})
     return _build(units, sources, data_cfg, image_size, context_length, False, 0, tracker, stream)
-
-
-def ingest_options() -> "ray.data.ExecutionOptions":
-    """Execution options that keep the pipeline's order; give them to ray.train.DataConfig."""
-    options = ray.data.ExecutionOptions()
-    options.preserve_order = True
-    return options
-
-
-def split_for_workers(dataset: ray.data.Dataset, world_size: int) -> list[ray.data.DataIterator]:
-    """One iterator per worker: disjoint, equal row counts (see the module docstring); picklable."""
-    return dataset.streaming_split(world_size, equal=True)
-
-
-# --------------------------------------------------------------------------- the worker side
-
-
-def worker_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
-    """The local-shuffle seed of one worker in one epoch: the same in every process, and on resume."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{rank}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
-
-
-# Batches read without a local shuffle are read-only views of the object store; the tensors made from them
-# are only read or copied to the device, so torch's warning about that is noise (here, and only here).
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", module=__name__)
-
-
-def _to_torch(batch: dict[str, np.ndarray], device: torch.device | str | None, normalize: bool) -> dict:
-    out = dict(batch)
-    for name in ("image", "text"):
-        tensor = torch.from_numpy(batch[name])
-        out[name] = tensor.to(device, non_blocking=True) if device is not None else tensor
-    if normalize and out["image"].dtype == torch.uint8:
-        out["image"] = normalize_on_device(out["image"])
-    return out
-
-
-def iter_worker_batches(
-    data: ray.data.Dataset | ray.data.DataIterator,
-    batch_size: int,
-    *,
-    shuffle_buffer: int = 0,
-    shuffle_seed: int | None = None,
-    skip_batches: int = 0,
-    drop_last: bool = True,
-    device: torch.device | str | None = None,
-    normalize: bool = True,
-    prefetch_batches: int = 2,
-) -> Iterator[dict]:
-    """{"image", "text"} tensors (plus key, image_id arrays) of `batch_size` rows from one worker's share.
-
-    uint8 images are moved to `device` first and normalised there. The first
-    `skip_batches` batches are drawn and dropped unconverted (resume).
-    """
-    batches = data.iter_batches(
-        batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=shuffle_seed,
-    )
-    for step, batch in enumerate(batches):
-        if step >= skip_batches:
-            yield _to_torch(batch, device, normalize)
-
-
-def train_batches(
-    data: ray.data.Dataset | ray.data.DataIterator, data_cfg: DataConfig, batch_size: int, epoch: int,
-    rank: int = 0, skip_batches: int = 0, device: torch.device | str | None = None,
-) -> Iterator[dict]:
-    """A training worker's batches of one epoch, shuffled by (seed, epoch, rank); full batches only."""
-    return iter_worker_batches(
-        data, batch_size, shuffle_buffer=data_cfg.shuffle_buffer,
-        shuffle_seed=worker_shuffle_seed(data_cfg.seed, epoch, rank), skip_batches=skip_batches, device=device,
-    )
-
-
-def eval_batches(data: ray.data.Dataset | ray.data.DataIterator, batch_size: int, **kwargs) -> Iterator[dict]:
-    """Every row in order, the last batch possibly short; kwargs as for iter_worker_batches."""
-    return iter_worker_batches(data, batch_size, drop_last=False, **kwargs)

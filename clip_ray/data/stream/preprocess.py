@@ -108,7 +108,7 @@ def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Preprocessor:
-    """Raw samples -> {"image", "text", "key", "image_id"} batches of fixed per-row shape.
+    """Raw samples -> {"image", "text", "key", "image_id", "kept"} batches of fixed per-row shape.
 
     `tokenize` is a clip_ray tokenizer (texts, context_length) -> LongTensor [N, L].
     Images that fail to decode are skipped and counted in the batch call's `counts`.
@@ -148,10 +148,13 @@ class Preprocessor:
 
     def batch(self, samples: Sequence[Sample], counts: FailureCounts,
               unit: str | None = None) -> dict[str, np.ndarray] | None:
-        """The usable samples as one batch (None if none decodes); `counts` gets this stage's tally."""
+        """The usable samples as one batch (None if none decodes); `counts` gets this stage's tally.
+
+        "kept" holds each row's index in `samples`, so a caller can tell which samples were skipped."""
         pixels = np.empty((len(samples), 3, self.image_size, self.image_size), dtype=np.uint8)
         kept: list[Sample] = []
-        for sample in samples:
+        kept_indices: list[int] = []
+        for index, sample in enumerate(samples):
             try:
                 image = self.image(sample, unit)
             except BadSample as bad:
@@ -161,6 +164,7 @@ class Preprocessor:
             # HWC -> CHW one image at a time: it stays in cache, unlike a transpose of the whole batch.
             pixels[len(kept)] = image.transpose(2, 0, 1)
             kept.append(sample)
+            kept_indices.append(index)
         if not kept:
             return None
         pixels = pixels[: len(kept)]
@@ -170,4 +174,5 @@ class Preprocessor:
             "key": np.array([s.key for s in kept], dtype=object),
             # What retrieval groups captions by: the photo (meta["image"] for caption tables), else the sample.
             "image_id": np.array([str(s.meta.get("image", s.key)) for s in kept], dtype=object),
+            "kept": np.array(kept_indices, dtype=np.int64),
         }
