@@ -92,8 +92,10 @@ class EpochData:
         if len(streams) == world:
             return rank_units(plan, rank, world), StreamPosition.from_dict(streams[rank]), tracker
         if rank == 0 and int(saved.get("batches_in_epoch", 0)) > 0:
-            log.warning("resuming epoch %d with %d workers instead of %s: the units every worker had finished "
-                        "are skipped, the rest of the epoch is shared anew", epoch, world, len(streams) or "?")
+            why = (f"with {world} workers instead of {len(streams)}" if streams else
+                   "from a checkpoint without stream positions (an older clip-ray)")
+            log.warning("resuming epoch %d %s: the units every worker had finished are skipped, the rest of "
+                        "the epoch is read again and shared anew", epoch, why)
         return rank_units(units_left(plan, streams, world), rank, world), StreamPosition(), tracker
 
     def batches(self, epoch: int) -> Iterator[tuple[dict, bool]]:

@@ -1,6 +1,6 @@
-"""Where a worker's loop stands in its run and its data: saved in every checkpoint, so that a
-resumed worker rebuilds the same epoch stream, skips what was consumed and continues with
-the batch that would have come next."""
+"""Where the workers' loop stands in its run: saved in every checkpoint, beside each worker's
+place in its own stream (worker.epoch_data), so that a resumed worker continues with the batch
+that would have come next."""
 
 from __future__ import annotations
 
