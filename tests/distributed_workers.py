@@ -7,6 +7,7 @@ test (the parent process) compares them with a one-process reference.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import pickle
 from pathlib import Path
@@ -107,16 +108,26 @@ def loss_equivalence_worker(rank: int, world_size: int, rendezvous: str, out_dir
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _ray_rank(rank: int, world_size: int, rendezvous: str, ray_address: str, timeout_s: int):
+    """This process as one rank of a gloo group, connected to the test's Ray; both closed after."""
+    torch.set_num_threads(1)
+    ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        ray.shutdown()
+
+
 def sharded_eval_worker(rank: int, world_size: int, rendezvous: str, ray_address: str, job_file: str,
                         out_dir: str) -> None:
     """Evaluates the pickled (config, weights) as one rank of a gloo group, twice (the validation split is
     made once and iterated again); saves rank 0's metrics, the rows each rank encoded, and a gather of
     rows of unequal lengths (rank r sends r rows: rank 0 none)."""
-    torch.set_num_threads(1)
-    ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with _ray_rank(rank, world_size, rendezvous, ray_address, timeout_s=120):
         job = pickle.loads(Path(job_file).read_bytes())
         config = job["config"]
         model = build_model(config.model)
@@ -127,25 +138,15 @@ def sharded_eval_worker(rank: int, world_size: int, rendezvous: str, ray_address
         rows = gather_rows(torch.full((rank, 3), float(rank)))
         result = {"metrics": metrics, "encoded": dict(evaluator.encoded), "gathered": rows}
         (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-    finally:
-        dist.destroy_process_group()
-        ray.shutdown()
 
 
 def training_worker(rank: int, world_size: int, rendezvous: str, ray_address: str, config_file: str,
                     checkpoint_root: str, out_dir: str) -> None:
     """Trains the pickled Config as one rank of a gloo group (resuming from checkpoint_root's latest
     checkpoint, as a restarted Ray Train worker would); saves the loop's summary."""
-    torch.set_num_threads(1)
-    ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
-    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
+    with _ray_rank(rank, world_size, rendezvous, ray_address, timeout_s=300):
         config = pickle.loads(Path(config_file).read_bytes())
         context = WorkerContext(checkpoint_root=Path(checkpoint_root), keep_checkpoints=10, rank=rank,
                                 world_size=world_size)
         summary = run_training(config, context)
         (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(summary))
-    finally:
-        dist.destroy_process_group()
-        ray.shutdown()

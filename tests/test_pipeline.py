@@ -6,7 +6,6 @@ shares of a world are read one after another in the test process.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -25,7 +24,9 @@ from clip_ray.data.formats import (
 )
 from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
 from clip_ray.data.stream.batches import StreamPosition, TrainBatches, eval_batches, iter_worker_batches
-from clip_ray.data.stream.pipeline import build_eval_dataset, build_train_dataset, plan_train_epoch, rank_units, unit_key
+from clip_ray.data.stream.pipeline import (
+    build_eval_dataset, build_train_dataset, plan_train_epoch, rank_units, unit_key,
+)
 from clip_ray.data.stream.preprocess import CLIP_MEAN, CLIP_STD, Preprocessor, normalize
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
 
