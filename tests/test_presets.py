@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from clip_ray.config import ModelConfig, TextConfig, VisionConfig
+from clip_ray.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 from clip_ray.model import build_model, get_preset, list_presets, model_stats, scale_model
 
 # Parameter counts of OpenAI's released models (OpenCLIP's CLIP class agrees, logit_scale included).
@@ -22,6 +22,13 @@ PUBLISHED_PARAMS = {
     "RN50x4": 178_300_601,
     "RN50x16": 290_979_217,
     "RN50x64": 623_258_305,
+}
+
+# OpenCLIP's ViT-H-14, ViT-g-14 and ViT-bigG-14 (open_clip.create_model(...).parameters(), logit_scale included).
+OPENCLIP_PARAMS = {
+    "ViT-H/14": 986_109_441,
+    "ViT-g/14": 1_366_678_273,
+    "ViT-bigG/14": 2_539_567_105,
 }
 
 
@@ -51,10 +58,30 @@ def test_every_preset_builds_and_runs_on_meta(name):
     assert out.image_features.shape == out.text_features.shape == (2, config.embed_dim)
 
 
+@pytest.mark.parametrize("name", OPENCLIP_PARAMS)
+def test_openclip_presets_have_openclip_parameter_counts(name):
+    """Exact counts pin OpenCLIP's truncated MLP widths (int(1408 * 4.3637) = 6144, int(1664 * 4.9231) = 8192)."""
+    model = build_model(name, device="meta")
+    assert param_count(model) == OPENCLIP_PARAMS[name]
+    assert model.config.activation == "gelu"
+    assert get_preset(name.replace("/", "-")).name == name
+
+
+def test_mlp_ratio_sets_the_hidden_width_and_is_checked():
+    model = build_model("ViT-g/14", device="meta")
+    assert model.visual.transformer.resblocks[0].mlp.c_fc.out_features == 6144
+    assert model.transformer.resblocks[0].mlp.c_fc.out_features == 4096
+    for ratio in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="mlp_ratio"):
+            VisionConfig(mlp_ratio=ratio).validate()
+        with pytest.raises(ConfigError, match="mlp_ratio"):
+            TextConfig(mlp_ratio=ratio).validate()
+
+
 def test_small_presets_are_small():
     for name in ("vit-tiny", "vit-small-cpu", "rn-tiny"):
         assert param_count(build_model(name, device="meta")) < 15_000_000
-    assert set(PUBLISHED_PARAMS) < set(list_presets())
+    assert set(PUBLISHED_PARAMS) | set(OPENCLIP_PARAMS) < set(list_presets())
 
 
 def test_preset_names_are_case_insensitive_and_accept_open_clip_spelling():

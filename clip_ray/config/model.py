@@ -24,6 +24,7 @@ class VisionConfig:
     resnet_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
     # Attention heads are width // head_width (ResNet attention pool: 32 * width // head_width).
     head_width: int = 64
+    # MLP hidden width is int(width * mlp_ratio), truncated as OpenCLIP does (ViT only).
     mlp_ratio: float = 4.0
     # FLIP-style: fraction of patch tokens dropped at random while training (ViT only).
     patch_dropout: float = 0.0
@@ -35,6 +36,8 @@ class VisionConfig:
         check(0.0 <= self.patch_dropout < 1.0, f"{key}.patch_dropout", self.patch_dropout, "must be in [0, 1)")
         if self.arch == "vit":
             check(self.layers > 0, f"{key}.layers", self.layers, "must be positive")
+            check(1 <= self.width * self.mlp_ratio < math.inf, f"{key}.mlp_ratio", self.mlp_ratio,
+                   "must give the MLP at least one hidden unit")
             check(self.width % self.head_width == 0, f"{key}.width", self.width,
                    f"must be a multiple of head_width={self.head_width}")
             check(self.image_size % self.patch_size == 0, f"{key}.image_size", self.image_size,
@@ -57,6 +60,7 @@ class TextConfig:
     width: int = 512
     layers: int = 12
     head_width: int = 64
+    # MLP hidden width is int(width * mlp_ratio), truncated as OpenCLIP does.
     mlp_ratio: float = 4.0
     # Features are read at the last position whose token is not the pad id.
     pad_token_id: int = 0
@@ -66,6 +70,8 @@ class TextConfig:
             check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
         check(self.width % self.head_width == 0, f"{key}.width", self.width,
                f"must be a multiple of head_width={self.head_width}")
+        check(1 <= self.width * self.mlp_ratio < math.inf, f"{key}.mlp_ratio", self.mlp_ratio,
+               "must give the MLP at least one hidden unit")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Named model configurations and the one-number scaling rule used by sweeps.
 
 The published presets reproduce OpenAI's released CLIP models (Radford et al.
-2021, tables 19 and 20) shape for shape, so their checkpoints load into them.
+2021, tables 19 and 20) shape for shape, so their checkpoints load into them;
+ViT-H/14, ViT-g/14 and ViT-bigG/14 reproduce OpenCLIP's configurations of those names.
 The small presets are for CPU runs, tests and the bottom of scaling sweeps.
 """
 
@@ -21,8 +22,17 @@ def _openai(name: str, embed_dim: int, vision: VisionConfig, text_width: int) ->
                        activation="quick_gelu")
 
 
-def _vit(image_size: int, width: int, layers: int, patch_size: int) -> VisionConfig:
-    return VisionConfig(arch="vit", image_size=image_size, width=width, layers=layers, patch_size=patch_size)
+def _openclip(name: str, embed_dim: int, vision: VisionConfig, text_width: int, text_layers: int) -> ModelConfig:
+    """OpenCLIP's large ViTs widen and deepen OpenAI's text tower (heads stay 64 wide) and train with plain GELU."""
+    return ModelConfig(name=name, embed_dim=embed_dim, vision=vision,
+                       text=TextConfig(context_length=77, vocab_size=49408, width=text_width, layers=text_layers),
+                       activation="gelu")
+
+
+def _vit(image_size: int, width: int, layers: int, patch_size: int, head_width: int = 64,
+         mlp_ratio: float = 4.0) -> VisionConfig:
+    return VisionConfig(arch="vit", image_size=image_size, width=width, layers=layers, patch_size=patch_size,
+                        head_width=head_width, mlp_ratio=mlp_ratio)
 
 
 def _resnet(image_size: int, width: int, resnet_layers: tuple[int, int, int, int]) -> VisionConfig:
@@ -46,6 +56,10 @@ _PRESETS: dict[str, ModelConfig] = {
         _openai("ViT-B/16", 512, _vit(224, 768, 12, 16), 512),
         _openai("ViT-L/14", 768, _vit(224, 1024, 24, 14), 768),
         _openai("ViT-L/14@336", 768, _vit(336, 1024, 24, 14), 768),
+        # OpenCLIP's odd MLP ratios are what its configs say: int(width * ratio) gives 6144 and 8192 hidden units.
+        _openclip("ViT-H/14", 1024, _vit(224, 1280, 32, 14, head_width=80), 1024, 24),
+        _openclip("ViT-g/14", 1024, _vit(224, 1408, 40, 14, head_width=88, mlp_ratio=4.3637), 1024, 24),
+        _openclip("ViT-bigG/14", 1280, _vit(224, 1664, 48, 14, head_width=104, mlp_ratio=4.9231), 1280, 32),
         # A few million parameters: trains for real on a laptop CPU in minutes.
         ModelConfig(name="vit-tiny", embed_dim=128,
                     vision=VisionConfig(image_size=64, width=128, layers=4, patch_size=8, head_width=32),
