@@ -17,6 +17,7 @@ import ray
 import torch
 import torch.multiprocessing as mp
 from distributed_workers import training_worker
+from mlflow import MlflowClient
 
 from clip_ray.config import DemoDataConfig, load_config
 from clip_ray.data.demo.synthetic import generate_demo_data
@@ -165,3 +166,18 @@ def test_two_workers_end_epochs_together_and_resume_from_their_own_places(uneven
         assert all(s["step"] == 16 and s["epoch"] == 1 for s in summaries)
         actual = _final_weights(resumed)
         assert all(torch.equal(actual[n], expected[n]) for n in expected), step
+
+
+@pytest.mark.slow
+def test_two_workers_evaluate_in_the_background(uneven_demo, tmp_path):
+    """eval.mode async on two ranks: rank 0's actor scores step 4 while both train on, both ranks take its
+    result together (a collective report), and MLflow has it at step 4 between the two sync evaluations."""
+    config = _config(uneven_demo, tmp_path, steps=8, **{"train.eval_every": 4, "train.checkpoint_every": 0,
+                                                        "cluster.num_workers": 2, "eval.mode": "async",
+                                                        "eval.async_num_cpus": 0.5})
+    summaries = _train_on_two_ranks(config, tmp_path / "ckpt", tmp_path)
+    assert [s["step"] for s in summaries] == [8, 8]
+    run_id = summaries[0]["mlflow_run_id"]
+    history = MlflowClient(config.tracking.tracking_uri).get_metric_history(run_id, "zeroshot/top1")
+    assert sorted(m.step for m in history) == [0, 4, 8]
+    assert summaries[0]["final"]["zeroshot/num_images"] == 48
