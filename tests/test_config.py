@@ -34,6 +34,8 @@ def test_preset_with_nested_overrides_and_set(tmp_path):
     (["model.vision.image_size=100"], "model.vision.image_size=100: must be a multiple of patch_size"),
     (["data.crop_scale=[0.5, 1.5]"], "data.crop_scale=(0.5, 1.5)"),
     (["cluster.num_workers=0"], "cluster.num_workers=0: must be positive"),
+    (["cluster.worker_resources={GPU: 1}"], "cluster.worker_resources.GPU=1.0: is set by cpus_per_worker"),
+    (["cluster.worker_resources={trainer: 0}"], "cluster.worker_resources.trainer=0.0: must be positive"),
     (["train.lr=-1"], "train.lr=-1.0: must be positive"),
     (["demo.num_train=0"], "demo.num_train=0: must be positive"),
     (["train=3"], "train=3: expected a mapping"),

@@ -12,6 +12,7 @@ are checked in test_infra_manifests.py.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -174,6 +175,17 @@ def test_gpu_group_can_host_the_cluster_configs():
         workers_per_pod = gpus_per_pod // wanted["gpus_per_worker"]
         assert wanted["num_workers"] <= gpu_group["maxReplicas"] * workers_per_pod, config.name
         assert workers_per_pod * wanted["cpus_per_worker"] < logical_cpus, f"{config.name}: no CPUs left for Ray Data"
+        # Node roles: the GPU pods advertise what the workers ask for (enough for every worker of a pod),
+        # the CPU-only pods none of it, so training never lands on a preprocessing pod.
+        for name, amount in wanted.get("worker_resources", {}).items():
+            assert advertised(gpu_group).get(name, 0) >= workers_per_pod * amount, f"{config.name}: {name}"
+            assert all(name not in advertised(g) for g in cluster["spec"]["workerGroupSpecs"] if g is not gpu_group)
+
+
+def advertised(group: dict) -> dict[str, float]:
+    """A worker group's custom Ray resources: KubeRay takes `resources` as a quoted JSON string."""
+    text = group["rayStartParams"].get("resources")
+    return json.loads(text.strip('"').replace('\\"', '"')) if text else {}
 
 
 # --- built-in Kubernetes objects ------------------------------------------------------

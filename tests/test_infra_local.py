@@ -100,6 +100,15 @@ def sourced(env_file: Path, env: dict) -> dict[str, str]:
     return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
 
 
+def tear_down(env: dict, state_dir: Path, temp_dirs: list[Path]) -> None:
+    """stop.sh, then SIGKILL for anything of this test's cluster still alive, and the temp dirs removed."""
+    subprocess.run([LOCAL / "stop.sh"], env=env, cwd=REPO_ROOT, capture_output=True, timeout=120)
+    for pid in marked_pids(state_dir):  # last resort, only processes this test started
+        os.kill(pid, signal.SIGKILL)
+    for temp_dir in temp_dirs:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 # Runs on the cluster: joins it, reports its CPUs, logs a metric and an artifact to the MLflow
 # server it finds in its environment (set by start.sh), and says which python ran it.
 JOB = textwrap.dedent("""
@@ -187,11 +196,7 @@ def test_local_cluster_runs_a_job_tracks_it_and_stops_clean(tmp_path):
         assert run([LOCAL / "status.sh"], env, timeout=30, check=False).returncode == 3
         assert not (state_dir / "env.sh").exists() and (state_dir / "mlflow" / "mlflow.db").exists()
     finally:
-        subprocess.run([LOCAL / "stop.sh"], env=env, cwd=REPO_ROOT, capture_output=True, timeout=120)
-        for pid in marked_pids(state_dir):  # last resort, only processes this test started
-            os.kill(pid, signal.SIGKILL)
-        for temp_dir in temp_dirs:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        tear_down(env, state_dir, temp_dirs)
 
 
 def test_start_refuses_a_taken_port_and_starts_nothing(tmp_path):
@@ -215,3 +220,61 @@ def test_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout + result.stderr
     for script in SCRIPTS:
         assert "set -euo pipefail" in script.read_text(), script.name
+
+
+# Where the job's pieces ran, from Ray's state API: node id -> custom resources, the training workers'
+# nodes, and the nodes of Ray Data's preprocessing tasks.
+PLACEMENT = textwrap.dedent("""
+    import json, ray
+    from ray.util.state import list_actors, list_nodes, list_tasks
+    ray.init()
+    nodes = {n.node_id: {k: v for k, v in n.resources_total.items() if k in ("trainer", "data", "CPU")}
+             for n in list_nodes(filters=[("state", "=", "ALIVE")])}
+    workers = [a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)]
+    tasks = [t.node_id for t in list_tasks(limit=10000, raise_on_missing_output=False)
+             if "_preprocess_units" in t.name and t.node_id]
+    print("PLACEMENT", json.dumps({"nodes": nodes, "workers": workers, "preprocess": tasks}))
+""")
+
+
+@needs_proc
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_node_roles_put_training_on_trainer_nodes_and_preprocessing_on_the_data_node(tmp_path):
+    """A head without CPUs, two trainer nodes (one worker slot each) and a CPU-only data node, as on
+    Kubernetes: a two-worker training job puts one worker on each trainer node, and every Ray Data
+    preprocessing task on the data node (the trainer nodes' spare half CPU fits no 1-CPU task)."""
+    from train_job_helpers import TINY_DEMO, tiny_config, write_config
+
+    state_dir = tmp_path / "state"
+    head, dashboard, client, mlflow_port = free_ports(4)
+    env = clean_env(state_dir, dict(HEAD=head, DASHBOARD=dashboard, CLIENT=client, MLFLOW=mlflow_port))
+    env["CLIP_RAY_HEAD_CPUS"] = "0"
+    temp_dir = Path(tempfile.mkdtemp(prefix="clip-ray-test-", dir="/tmp"))
+    env["CLIP_RAY_TEMP_DIR"] = str(temp_dir)
+    temp_dirs = [temp_dir] + [Path(f"{temp_dir}-w{n}") for n in (1, 2, 3)]
+    try:
+        run([LOCAL / "start.sh", "--no-mlflow"], env, timeout=300)
+        for role in ("trainer", "trainer", "data"):
+            run([LOCAL / "add-worker.sh", "--role", role, "--num-cpus", "1"], env, timeout=300)
+        status = run([LOCAL / "status.sh"], env, timeout=60).stdout
+        assert "nodes:     4 alive" in status and len(re.findall(r"1 CPU, trainer 1", status)) == 2, status
+        assert len(re.findall(r"1 CPU, data 1", status)) == 1, status
+
+        config = tiny_config(tmp_path / "runs", "roles", 3, f"sqlite:///{tmp_path}/mlflow.db", demo=dict(TINY_DEMO),
+                             cluster={"num_workers": 2, "cpus_per_worker": 0.5, "worker_resources": {"trainer": 1}},
+                             data={"preprocess_num_cpus": 1})
+        config_file = write_config(config, tmp_path / "job.yaml")
+        shell = sourced(state_dir / "env.sh", env)
+        trained = run([VENV_BIN / "ray", "job", "submit", "--", "python", "jobs/train.py", "--config", config_file,
+                       "--demo-data-dir", tmp_path / "demo-data"], shell, timeout=420, check=False)
+        assert "succeeded" in trained.stdout + trained.stderr, (trained.stdout + trained.stderr)[-5000:]
+
+        listed = run([VENV_BIN / "ray", "job", "submit", "--", "python", "-c", PLACEMENT], shell, timeout=180)
+        placement = json.loads(re.search(r"PLACEMENT (.*)", listed.stdout).group(1))
+        trainers = {node for node, res in placement["nodes"].items() if res.get("trainer")}
+        (data_node,) = [node for node, res in placement["nodes"].items() if res.get("data")]
+        assert len(trainers) == 2 and sorted(placement["workers"]) == sorted(trainers), placement
+        assert placement["preprocess"] and set(placement["preprocess"]) == {data_node}, placement
+    finally:
+        tear_down(env, state_dir, temp_dirs)

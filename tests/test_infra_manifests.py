@@ -95,6 +95,8 @@ def test_cluster_launcher_node_types(path):
     types = config["available_node_types"]
     assert config["head_node_type"] == "head" and types["head"]["resources"] == {"CPU": 0}
     assert "GPU" not in types["cpu-preprocess"]["resources"] and types["gpu-train"]["resources"]["GPU"] == 8
+    # Node roles: a training-worker slot per GPU, and none on the preprocessing nodes.
+    assert types["gpu-train"]["resources"]["trainer"] == 8 and "trainer" not in types["cpu-preprocess"]["resources"]
     for name in ("cpu-preprocess", "gpu-train"):
         assert 0 <= types[name]["min_workers"] <= types[name]["max_workers"] <= config["max_workers"]
         assert any(o.startswith("--shm-size") for o in types[name]["docker"]["worker_run_options"])

@@ -191,7 +191,7 @@ def test_cluster_presets_assemble_into_the_trainer_they_describe(name):
     trainer = build_trainer(PreparedJob(config))
     scaling, run = trainer.scaling_config, trainer.run_config
     assert scaling.num_workers == 64 and scaling.use_gpu
-    assert scaling.resources_per_worker == {"CPU": 2, "GPU": 1}
+    assert scaling.resources_per_worker == {"CPU": 2, "GPU": 1, "trainer": 1}  # node role: GPU nodes only
     assert run.storage_path == "s3://clip-ray-runs/checkpoints" and run.name == config.cluster.run_name
     # No score attribute: Ray keeps the latest num_to_keep checkpoints, in the order reported.
     assert run.checkpoint_config.num_to_keep == 3 and run.checkpoint_config.checkpoint_score_attribute is None

@@ -135,6 +135,10 @@ class ClusterConfig:
     # Fractions work and are what a 2-core laptop needs (Ray Data tasks need CPUs too).
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # Custom Ray resources each training worker also asks for: node roles. {trainer: 1} keeps the workers
+    # on nodes that advertise "trainer" (infra/local/add-worker.sh --role trainer, the KubeRay GPU group, the
+    # cloud GPU node type), so CPU-only data nodes run preprocessing only.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     # Local path or pyarrow URI (s3://, gs://); must be shared storage on a multi-node cluster.
     storage_path: str = "./runs"
     # The run's name under storage_path: re-submitting the same name resumes from its latest checkpoint.
@@ -147,6 +151,10 @@ class ClusterConfig:
     def validate(self, key: str = "cluster") -> None:
         check(self.num_workers > 0, f"{key}.num_workers", self.num_workers, "must be positive")
         check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker, "must be positive")
+        for name, amount in self.worker_resources.items():
+            check(name not in ("CPU", "GPU", "memory"), f"{key}.worker_resources.{name}", amount,
+                  "is set by cpus_per_worker / gpus_per_worker; name a custom resource here")
+            check(amount > 0, f"{key}.worker_resources.{name}", amount, "must be positive")
         check(self.max_failures >= -1, f"{key}.max_failures", self.max_failures, "must be >= -1 (-1: forever)")
         check(bool(self.run_name), f"{key}.run_name", self.run_name, "is required")
 

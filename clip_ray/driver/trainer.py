@@ -94,6 +94,7 @@ def build_trainer(job: PreparedJob, callbacks: list | None = None) -> TorchTrain
     resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
+    resources.update(cluster.worker_resources)  # node roles: e.g. {"trainer": 1}
     # No checkpoint_score_attribute: Ray then keeps checkpoints in the order reported and
     # drops the oldest, so "the latest K" is what stays (score order only applies to a score).
     checkpoints = CheckpointConfig(num_to_keep=config.train.keep_checkpoints)

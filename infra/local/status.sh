@@ -36,7 +36,9 @@ for node in sorted(alive, key=lambda node: not node["is_head_node"]):
     total = node.get("resources_total", {})
     gpus = ", %g GPU" % total["GPU"] if total.get("GPU") else ""
     kind = "head  " if node["is_head_node"] else "worker"
-    print("    %s %s  %g CPU%s  %s" % (kind, node["node_ip"], total.get("CPU", 0), gpus, node["node_id"][:12]))
+    roles = "".join(", %s %g" % (role, total[role]) for role in ("trainer", "data") if total.get(role))
+    print("    %s %s  %g CPU%s%s  %s" % (kind, node["node_ip"], total.get("CPU", 0), gpus, roles,
+                                       node["node_id"][:12]))
 ' "$nodes"
         else
             echo "  nodes:     the dashboard does not answer"
