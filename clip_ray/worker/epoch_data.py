@@ -28,6 +28,7 @@ from clip_ray.data.stream.batches import StreamPosition, TrainBatches
 from clip_ray.data.stream.failure_tracker import FailureTracker, train_stream
 from clip_ray.data.stream.pipeline import build_train_dataset, plan_train_epoch, rank_units
 from clip_ray.eval.gather import broadcast_from_rank0, gather_objects
+from clip_ray.loss import rank_and_world
 from clip_ray.worker.context import WorkerContext
 
 log = logging.getLogger("clip_ray.train")
@@ -35,7 +36,7 @@ log = logging.getLogger("clip_ray.train")
 
 def _all_ranks(flag: bool, device: torch.device) -> bool:
     """Whether `flag` holds on every rank (one small all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if rank_and_world()[1] == 1:
         return flag
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from clip_ray.config import TrainConfig
-from clip_ray.loss import ContrastiveLoss
+from clip_ray.loss import ContrastiveLoss, rank_and_world
 from clip_ray.model import clamp_logit_scale, unwrap_model
 from clip_ray.model.precision import autocast_context
 from clip_ray.worker.optim import clip_gradients
@@ -57,7 +57,7 @@ def _all_ranks_agree(values: tuple[torch.Tensor, ...], has_next_batch: bool) -> 
     """(every value is finite on every rank, every rank has another batch): one all-reduce, one host sync."""
     finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
     flags = torch.stack([finite.to(torch.float32), finite.new_tensor(float(has_next_batch), dtype=torch.float32)])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     finite, more = flags.tolist()
     return bool(finite), bool(more)

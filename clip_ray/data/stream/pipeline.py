@@ -18,9 +18,11 @@ Shares. Worker r takes units r, r + n, r + 2n, ... of the first n * floor(U / n)
 units of the plan; each of the last U mod n units is shared by all workers,
 worker r taking every n-th of its samples from the r-th on (with fewer units than
 workers, every unit is shared so). Every usable sample of the epoch is in exactly
-one worker's share, and shares differ by at most a unit's worth of rows. Each
-worker has its own dataset, so a resumed worker can start its own stream from its
-own place; there is no split coordinator, and no worker waits for another's reads.
+one worker's share. Every worker gets the same number of whole units, so shares
+differ only as much as the units' sizes do (equal-sized shards: by a row per shared
+unit). Each worker has its own dataset, so a resumed worker can start its own stream
+from its own place; there is no split coordinator, and no worker waits for another's
+reads.
 
 What is guaranteed, per epoch, for per-worker batch B:
 
