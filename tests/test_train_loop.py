@@ -169,12 +169,14 @@ def test_two_workers_end_epochs_together_and_resume_from_their_own_places(uneven
 
 
 @pytest.mark.slow
-def test_two_workers_evaluate_in_the_background(uneven_demo, tmp_path):
-    """eval.mode async on two ranks: rank 0's actor scores step 4 while both train on, both ranks take its
-    result together (a collective report), and MLflow has it at step 4 between the two sync evaluations."""
+def test_two_fsdp_workers_evaluate_in_the_background(uneven_demo, tmp_path):
+    """eval.mode async on two ranks that shard the model (train.strategy fsdp): rank 0's actor scores a
+    gathered copy of step 4's weights while both train on, both ranks take its result together (a
+    collective report), and MLflow has it at step 4 between the two sync evaluations, which also run on
+    gathered copies (each rank's share of the evaluation differs in length)."""
     config = _config(uneven_demo, tmp_path, steps=8, **{"train.eval_every": 4, "train.checkpoint_every": 0,
                                                         "cluster.num_workers": 2, "eval.mode": "async",
-                                                        "eval.async_num_cpus": 0.5})
+                                                        "eval.async_num_cpus": 0.5, "train.strategy": "fsdp"})
     summaries = _train_on_two_ranks(config, tmp_path / "ckpt", tmp_path)
     assert [s["step"] for s in summaries] == [8, 8]
     run_id = summaries[0]["mlflow_run_id"]

@@ -5,33 +5,17 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from clip_ray.config import ModelConfig, TextConfig, TrainConfig, VisionConfig
+from clip_ray.config import TrainConfig
 from clip_ray.loss import build_loss
 from clip_ray.model import build_model
 from clip_ray.worker.optim import build_optimizer, make_grad_scaler
 from clip_ray.worker.step import NonFiniteLossError, TrainStep
-
-TINY_VIT = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
-                       text=TextConfig(context_length=8, vocab_size=64, width=32, layers=1, head_width=16))
-TINY_RESNET = ModelConfig(embed_dim=16, vision=VisionConfig(arch="resnet", image_size=32, width=8,
-                                                            resnet_layers=(1, 1, 1, 1), head_width=8),
-                          text=TextConfig(context_length=8, vocab_size=64, width=32, layers=1, head_width=16))
-
-
-def _batch(n: int, config: ModelConfig, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    size = config.vision.image_size
-    images = torch.randn(n, 3, size, size, generator=g)
-    texts = torch.randint(1, config.text.vocab_size, (n, config.text.context_length), generator=g)
-    return images, texts
-
+from step_helpers import TINY_RESNET, TINY_VIT, random_batch, run_on_two_ranks
 
 def _one_step(model, config, train_cfg, images, texts, wrap=lambda m: m):
     """One TrainStep; the gradients it used and the parameters after it.
@@ -49,13 +33,13 @@ def _one_step(model, config, train_cfg, images, texts, wrap=lambda m: m):
 
 @pytest.mark.parametrize("chunk_rows", [None, 5, 1], ids=["loss-whole", "loss-chunks-of-5", "loss-chunks-of-1"])
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_accumulation_equals_one_step_on_the_whole_batch(loss, chunk_rows):
+def test_accumulation_equals_one_step_on_the_wholerandom_batch(loss, chunk_rows):
     """Also with the accumulated loss computed a chunk of rows at a time (5 leaves a short last chunk)."""
     config = copy.deepcopy(TINY_VIT)
     config.init_logit_bias = -10.0 if loss == "siglip" else None
     torch.manual_seed(0)
     model = build_model(config)
-    images, texts = _batch(12, config)
+    images, texts = random_batch(12, config)
     whole = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=1)
     accumulated = TrainConfig(loss=loss, precision="fp32", lr=1e-3, eps=1.0, warmup_steps=0, accumulation_steps=3,
                               loss_chunk_rows=chunk_rows)
@@ -77,7 +61,7 @@ def test_accumulation_replays_patch_dropout_and_counts_batch_norm_once():
     config = copy.deepcopy(TINY_RESNET)
     torch.manual_seed(0)
     model = build_model(config)
-    images, texts = _batch(8, config)
+    images, texts = random_batch(8, config)
     reference = copy.deepcopy(model)
     with torch.no_grad():  # the two micro-batches, each through the BatchNorms once
         reference(images[:4], texts[:4])
@@ -90,7 +74,7 @@ def test_accumulation_replays_patch_dropout_and_counts_batch_norm_once():
     vit.vision.patch_dropout = 0.5
     torch.manual_seed(1)
     model = build_model(vit)
-    images, texts = _batch(8, vit)
+    images, texts = random_batch(8, vit)
     # Reference: the whole batch in one pass from the same random state, which draws the same patches.
     reference = copy.deepcopy(model)
     torch.manual_seed(5)
@@ -109,7 +93,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
     cfg = TrainConfig(precision="fp32", max_consecutive_nonfinite=3, warmup_steps=0)
     step = TrainStep(model, build_optimizer(model, cfg, TINY_VIT), build_loss("clip"), make_grad_scaler("fp32", "cpu"),
                      cfg, torch.device("cpu"))
-    images, texts = _batch(4, TINY_VIT)
+    images, texts = random_batch(4, TINY_VIT)
     poisoned = images.clone()
     poisoned[0, 0, 0, 0] = float("nan")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -125,20 +109,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
         step(poisoned, texts)
 
 
-def _run_on_two_ranks(worker) -> list[dict]:
-    """Spawns `worker(rank, 2, init_file, out_dir)` on two gloo ranks; what each saved as rank<r>.pt."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-
-
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = build_model(TINY_VIT)
-        images, texts = _batch(16, TINY_VIT)
+        images, texts = random_batch(16, TINY_VIT)
         local = slice(rank * 8, rank * 8 + 8)
         cfg = TrainConfig(precision="fp32", accumulation_steps=4, warmup_steps=0, lr=1e-3, eps=1.0)
         _, grads, params = _one_step(model, TINY_VIT, cfg, images[local], texts[local],
@@ -148,11 +125,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_accumulation_under_ddp_matches_one_process_on_the_global_batch():
-    results = _run_on_two_ranks(_ddp_worker)
+def test_accumulation_under_ddp_matches_one_process_on_the_globalrandom_batch():
+    results = run_on_two_ranks(_ddp_worker)
     torch.manual_seed(0)
     model = build_model(TINY_VIT)
-    images, texts = _batch(16, TINY_VIT)
+    images, texts = random_batch(16, TINY_VIT)
     _, grads, params = _one_step(model, TINY_VIT, TrainConfig(precision="fp32", warmup_steps=0, lr=1e-3, eps=1.0),
                                  images, texts)
     for result in results:
@@ -173,7 +150,7 @@ def test_compiled_accumulation_with_patch_dropout_equals_the_eager_whole_batch_s
     vit.vision.patch_dropout = 0.5
     torch.manual_seed(1)
     model = build_model(vit)
-    images, texts = _batch(8, vit)
+    images, texts = random_batch(8, vit)
     torch.manual_seed(5)
     _, eager, _ = _one_step(copy.deepcopy(model), vit, TrainConfig(precision="fp32", warmup_steps=0), images, texts)
     torch.manual_seed(5)
@@ -197,7 +174,7 @@ def _guard_and_chunk_worker(rank: int, world: int, init_file: str, out_dir: str)
         optimizer = build_optimizer(model, cfg, TINY_VIT)
         step = TrainStep(torch.nn.parallel.DistributedDataParallel(model), optimizer, build_loss("clip"),
                          make_grad_scaler("fp32", "cpu"), cfg, torch.device("cpu"))
-        images, texts = _batch(8, TINY_VIT)
+        images, texts = random_batch(8, TINY_VIT)
         local = slice(rank * 4, rank * 4 + 4)
         hook = model.visual.proj.register_hook(lambda grad: grad * float("inf")) if rank == 1 else None
         bad = step(images[local], texts[local])
@@ -242,7 +219,7 @@ def _guard_and_chunk_worker(rank: int, world: int, init_file: str, out_dir: str)
 
 
 def test_infinite_gradient_on_one_rank_skips_the_step_everywhere_and_chunks_match():
-    results = _run_on_two_ranks(_guard_and_chunk_worker)
+    results = run_on_two_ranks(_guard_and_chunk_worker)
     for rank, result in enumerate(results):
         assert result["bad"] == {"skipped": True, "total": 1, "unchanged": True, "optimizer_state": 0}, rank
         assert not result["good"]["skipped"] and math.isfinite(result["good"]["loss"]), rank

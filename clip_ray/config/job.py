@@ -28,6 +28,13 @@ class TrainConfig:
     loss_chunk_rows: int | None = None
     steps: int = 1000
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # How the model is spread over the workers. "ddp": every worker holds the whole model, its gradients
+    # and optimiser state (16 bytes a parameter; fits up to about ViT-L/14 on an 80 GB GPU). "fsdp":
+    # FSDP2 shards each residual block's parameters, gradients and optimiser state over the workers and
+    # gathers a block only while it computes (ViT-H/14 and larger). With bf16, FSDP also gathers the
+    # parameters in bf16 and reduces gradients in fp32. Checkpoints hold full state dicts either way, so
+    # a run resumes under the other strategy or another number of workers.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     # AdamW with decoupled weight decay (not on gains, biases, embeddings, logit_scale),
     # linear warm-up then cosine decay to lr * min_lr_ratio: the paper's recipe.
     lr: float = 5e-4
@@ -60,6 +67,9 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay"):
             check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
         check(self.lr > 0, f"{key}.lr", self.lr, "must be positive")
+        check(self.strategy in ("ddp", "fsdp"), f"{key}.strategy", self.strategy, "must be 'ddp' or 'fsdp'")
+        check(not (self.strategy == "fsdp" and self.precision == "fp16"), f"{key}.precision", self.precision,
+              "fp16 needs a loss scaler that knows sharded gradients; use bf16 (or fp32) with strategy 'fsdp'")
         check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.betas is not None:
             check(all(0 <= b < 1 for b in self.betas), f"{key}.betas", self.betas, "must be in [0, 1)")

@@ -41,6 +41,7 @@ from torch import nn
 from clip_ray.config import ModelConfig, from_dict, to_dict
 from clip_ray.loss import rank_and_world
 from clip_ray.model import CLIP, build_model, build_model_from_state_dict, unwrap_model
+from clip_ray.worker.sharding import full_state_dicts, load_model_state, load_optimizer_state
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
@@ -156,6 +157,7 @@ def save_training_state(
     mlflow_run_id: str | None = None,
     counters: dict[str, int] | None = None,
     config: Any = None,
+    state_dicts: tuple[dict, dict] | None = None,
 ) -> Path:
     """Writes a complete checkpoint into `directory` (created if needed); returns it.
 
@@ -164,13 +166,17 @@ def save_training_state(
     e.g. {"nonfinite_steps": 0, "data_failures": 0}; `config` a Config or its dict.
     `rng_states` defaults to this process's alone; under DDP pass
     `gather_rng_states()` (called on every rank). `scheduler` is only for a
-    stateful one: the project's schedule is `optim.lr_at(step)`.
+    stateful one: the project's schedule is `optim.lr_at(step)`. `state_dicts`: the (model, optimizer)
+    state dicts that `sharding.full_state_dicts` gathered, required for an FSDP-sharded model (gathering
+    is a collective, and this runs on rank 0 alone). The optimizer's state is stored keyed by parameter
+    name, so a run resumes under either strategy at any world size.
     """
+    model_state, optimizer_state = state_dicts if state_dicts is not None else full_state_dicts(model, optimizer)
     model = unwrap_model(model)
     model_config = getattr(model, "config", None)
     model_payload = {
         "model_config": to_dict(model_config) if isinstance(model_config, ModelConfig) else None,
-        "state_dict": model.state_dict(),
+        "state_dict": model_state,
     }
     training_payload = {
         "format_version": FORMAT_VERSION,
@@ -178,7 +184,7 @@ def save_training_state(
         "epoch": int(epoch),
         "samples_seen": int(samples_seen),
         "data_position": data_position or {},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": scaler.state_dict() if scaler is not None else {},
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng_states": rng_states if rng_states is not None else [capture_rng_state()],
@@ -260,16 +266,17 @@ def load_training_state(directory: str | Path, map_location: Any = "cpu") -> dic
 def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                            scaler: torch.amp.GradScaler | None = None, scheduler: Any = None,
                            restore_rng: bool = True) -> bool:
-    """Loads a `load_training_state` dict into live objects (model strictly, through any wrapper).
+    """Loads a `load_training_state` dict into live objects (model strictly, through any wrapper, whole or
+    FSDP-sharded: every rank passes the whole state).
 
     Returns whether this rank's RNG state was restored: False when the
     checkpoint came from fewer ranks than this run has (the loop should then
     seed this rank itself) or `restore_rng` is off. Step, epoch, data position,
     counters and the run id are left for the caller to read from `state`.
     """
-    unwrap_model(model).load_state_dict(state["model"], strict=True)
+    load_model_state(model, state["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
     # A disabled scaler saves {}; loading that into an enabled one (or the reverse) has nothing to carry.
     if scaler is not None and scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])

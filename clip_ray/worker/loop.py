@@ -6,7 +6,7 @@ One pass of the loop is:
 
     epoch e: rank 0 plans the epoch (unit order seeded by (seed, e)); each rank
              streams its share of the units through Ray Data (epoch_data)
-    each batch: train_step (DDP, global-batch loss, accumulation; the ranks also
+    each batch: train_step (DDP or FSDP, global-batch loss, accumulation; the ranks also
              agree whether all have another batch) -> log_step ->
              maybe evaluate (every rank its share; or, with eval.mode async, hand
              the weights to a background actor) -> maybe checkpoint (ray.train.report)
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from clip_ray.config import Config, to_dict
 from clip_ray.data.formats import DataError, FailureCounts
@@ -46,13 +45,10 @@ from clip_ray.worker.context import WorkerContext
 from clip_ray.worker.epoch_data import EpochData
 from clip_ray.worker.optim import build_optimizer, lr_at, make_grad_scaler, set_lr
 from clip_ray.worker.position import DataPosition
+from clip_ray.worker.sharding import full_model_copy, full_state_dicts, wrap_for_training
 from clip_ray.worker.step import StepResult, TrainStep
 
 log = logging.getLogger("clip_ray.train")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _seed_everything(seed: int) -> None:
@@ -72,7 +68,7 @@ class WorkerRun:
 
     config: Config
     context: WorkerContext
-    model: CLIP  # unwrapped: what is evaluated, saved and logged
+    model: CLIP  # unwrapped (under FSDP: sharded in place); what is evaluated, saved and logged
     optimizer: torch.optim.Optimizer
     step_fn: TrainStep
     tokenizer: Tokenizer
@@ -146,6 +142,8 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     device = context.device
     tokenizer = load_tokenizer(config.data.tokenizer, config.model.text.context_length)
     model = build_model(config.model).to(device)
+    # DDP wraps the model; FSDP shards it in place, so the optimiser is built on the sharded parameters.
+    train_model = wrap_for_training(model, config.train.strategy, device, config.train.precision)
     optimizer = build_optimizer(model, config.train, config.model)
     scaler = make_grad_scaler(config.train.precision, device.type)
     position, mlflow_run_id, data = DataPosition(), None, EpochData(config, context)
@@ -159,12 +157,9 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
         if context.rank == 0:
             log.info("resuming from %s at step %d (epoch %d, batch %d of the epoch)", resume_dir,
                      position.step, position.epoch, position.batches_in_epoch)
+        del state
     context.release()
 
-    train_model = model
-    if _distributed():
-        device_ids = [device] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if config.train.compile:
         train_model = torch.compile(train_model, mode=config.train.compile_mode)
     step_fn = TrainStep(train_model, optimizer, build_loss(config.train.loss), scaler, config.train, device)
@@ -222,9 +217,9 @@ def evaluate(run: WorkerRun, tag: str) -> dict:
     mid_run = tag.startswith("step-")
     if mid_run and run.background is not None:
         if has_eval_data:
-            run.background.submit(run.model, position.as_dict())
+            run.background.submit(full_model_copy(run.model), position.as_dict())
         return {}
-    metrics = run.evaluator(run.model)
+    metrics = run.evaluator(full_model_copy(run.model) if has_eval_data else run.model)
     _record_evaluation(run, tag, position.step, metrics)
     if has_eval_data and mid_run:
         run.context.report({**metrics, **position.as_dict()})
@@ -254,13 +249,14 @@ def checkpoint(run: WorkerRun, metrics: dict) -> None:
     position = run.position
     rng = gather_rng_states()
     data_position = {**position.as_dict(), **run.data.positions(position.epoch)}
+    state_dicts = full_state_dicts(run.model, run.optimizer)
     directory = None
     if run.context.rank == 0:
         directory = Path(tempfile.mkdtemp(prefix="clip-ray-ckpt-"))
         save_training_state(directory, model=run.model, optimizer=run.optimizer, scaler=run.step_fn.scaler,
                             step=position.step, epoch=position.epoch, samples_seen=position.samples_seen,
                             data_position=data_position, rng_states=rng, mlflow_run_id=run.tracker.run_id,
-                            config=run.config)
+                            config=run.config, state_dicts=state_dicts)
     run.context.report({**metrics, **position.as_dict()}, directory)
 
 
@@ -279,11 +275,12 @@ def end_epoch(run: WorkerRun) -> None:
 def finish(run: WorkerRun) -> None:
     """Rank 0 logs the model and the figures; every rank closes its tracker."""
     config = run.config
+    model = full_model_copy(run.model) if config.tracking.log_model else None  # every rank: a collective
     if run.context.rank == 0:
         size = config.model.vision.image_size
         example = (torch.randn(2, 3, size, size), run.tokenizer(["a photo", "a drawing"]))
-        if config.tracking.log_model:
-            run.tracker.log_model(run.model, example, tokenizer_path=config.data.tokenizer)
+        if model is not None:
+            run.tracker.log_model(model, example, tokenizer_path=config.data.tokenizer)
         run.tracker.log_figures()
         log.info("finished %d steps in %s", run.position.step, _duration(time.perf_counter() - run.started))
     if run.background is not None:

@@ -22,6 +22,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from clip_ray.config import ModelConfig, TrainConfig
 
@@ -92,7 +93,8 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelCo
     `set_lr(optimizer, lr_at(step, train_cfg))` before each step.
     """
     betas, eps = adam_settings(train_cfg, model_cfg)
-    on_cuda = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    # The fused kernel is for whole tensors; FSDP's sharded parameters use the (default) foreach one.
+    on_cuda = torch.cuda.is_available() and all(p.is_cuda and not isinstance(p, DTensor) for p in model.parameters())
     return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=lr_at(0, train_cfg),
                              betas=betas, eps=eps, fused=True if on_cuda else None)
 
@@ -146,7 +148,8 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None,
     once per step: `scaler.step` then knows not to do it again), so the norm
     and the threshold are in true units. A non-finite norm (an fp16 overflow)
     is returned as it is; `scaler.step` will skip that step.
-    Under DDP call it after backward, when gradients are already averaged.
+    Call it after backward, when gradients are already averaged over the ranks (DDP, FSDP). Under
+    FSDP the norm is over every rank's shards, the same on every rank.
     """
     if scaler is not None and scaler.is_enabled():
         if optimizer is None:
@@ -155,7 +158,15 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None,
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # FSDP's gradients are DTensor shards, the 0-dim parameters' plain tensors: torch takes the norm of
+    # one kind at a time, so norm each kind over all ranks and combine.
+    kinds = [[p for p in params if isinstance(p.grad, DTensor) == sharded] for sharded in (True, False)]
+    kinds = [kind for kind in kinds if kind]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.to(norms[0].device)
+                                                                                   for n in norms]))
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        for kind in kinds:
+            torch.nn.utils.clip_grads_with_norm_(kind, max_norm, norm)
     return norm

@@ -9,7 +9,9 @@ encoded as k micro-batches of B/k, GradCache-style (Gao et al. 2021):
      backward gives each feature its gradient (and the temperature its own),
      `train.loss_chunk_rows` rows at a time (loss.backward_in_chunks);
   3. re-encode each micro-batch with a graph and back-propagate its slice of
-     those feature gradients; DDP synchronises on the last micro-batch only.
+     those feature gradients; DDP synchronises on the last micro-batch only,
+     FSDP reduce-scatters every micro-batch's gradients into the sharded sum
+     (deferring would hold whole unsharded gradients, what FSDP is there to avoid).
 
 Both passes run the same model (compiled when train.compile is set), and patch
 dropout keeps the patches drawn once for the whole local batch before pass 1,
@@ -39,6 +41,7 @@ from clip_ray.loss import ContrastiveLoss, rank_and_world
 from clip_ray.model import clamp_logit_scale, unwrap_model
 from clip_ray.model.precision import autocast_context
 from clip_ray.worker.optim import clip_gradients
+from clip_ray.worker.sharding import average_unsharded_grads
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,7 +79,7 @@ def _restore_batch_norm_buffers(saved: list[tuple[nn.Module, dict[str, torch.Ten
 
 
 class TrainStep:
-    """Forward, backward and update for one worker; `model` may be DDP-wrapped."""
+    """Forward, backward and update for one worker; `model` may be DDP-wrapped or FSDP-sharded."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: ContrastiveLoss,
                  scaler: torch.amp.GradScaler, train_cfg: TrainConfig, device: torch.device):
@@ -103,6 +106,7 @@ class TrainStep:
             loss = self._backward_whole(images, texts)
         else:
             loss = self._backward_accumulated(images.chunk(k), texts.chunk(k))
+        average_unsharded_grads(self.module)  # FSDP: the temperature's gradient, as DDP would average it
         grad_norm = clip_gradients(self.module.parameters(), self.cfg.grad_clip_norm, self.optimizer, self.scaler)
         # An fp16 scaler skips steps with inf/NaN gradients itself (and lowers its scale): not a failure.
         checked = (loss,) if self.scaler.is_enabled() else (loss, grad_norm)
