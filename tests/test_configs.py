@@ -51,6 +51,13 @@ def test_cluster_configs_follow_the_paper(name, preset):
     assert config.model.text.vocab_size == 49408, "CLIP's BPE vocabulary"
 
 
+def test_the_vit_h14_config_shards_with_fsdp():
+    config = load_config(REPO_ROOT / "configs" / "vit-h14-cluster.yaml")
+    assert config.model.name == "ViT-H/14" and config.model.grad_checkpointing
+    assert config.train.strategy == "fsdp" and config.train.precision == "bf16"
+    assert config.cluster.worker_resources == {"trainer": 1.0}
+
+
 def test_flickr8k_config_paths_resolve_from_the_repository_root(flickr8k_dir, cifar10_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # relative paths resolve against the working directory
     config = load_config("configs/flickr8k-cpu.yaml", [f"cluster.storage_path={tmp_path}"])
