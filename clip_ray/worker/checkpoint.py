@@ -244,17 +244,20 @@ def is_complete_checkpoint(directory: str | Path) -> bool:
     return True
 
 
-def _load(path: Path, map_location: Any) -> Any:
-    return torch.load(path, map_location=map_location, weights_only=True)
+def _load(path: Path, map_location: Any, mmap: bool = False) -> Any:
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-def load_training_state(directory: str | Path, map_location: Any = "cpu") -> dict:
+def load_training_state(directory: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
     """Everything `save_training_state` wrote, as one dict: its keyword names plus "model" (the
-    state dict), "model_config" and "format_version". Refuses an incomplete checkpoint."""
+    state dict), "model_config" and "format_version". Refuses an incomplete checkpoint.
+
+    mmap=True (CPU only) maps the files instead of reading them: the workers of a node resuming
+    together share one copy in the page cache, and each reads only the slices it keeps (FSDP)."""
     directory = Path(directory)
     read_manifest(directory)
-    model_payload = _load(directory / MODEL_FILE, map_location)
-    state = _load(directory / STATE_FILE, map_location)
+    model_payload = _load(directory / MODEL_FILE, map_location, mmap)
+    state = _load(directory / STATE_FILE, map_location, mmap)
     if state.get("format_version") != FORMAT_VERSION:
         raise IncompleteCheckpointError(f"{directory}: checkpoint format {state.get('format_version')!r}, "
                                         f"this code reads {FORMAT_VERSION}")

@@ -149,7 +149,8 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     position, mlflow_run_id, data = DataPosition(), None, EpochData(config, context)
     resume_dir = context.latest_checkpoint()
     if resume_dir is not None:
-        state = load_training_state(resume_dir, map_location=device)
+        # Mapped, not read: every rank needs the whole state (full state dicts), and a node's ranks share it.
+        state = load_training_state(resume_dir, map_location="cpu", mmap=True)
         restore_training_state(state, model, optimizer, scaler)
         position = DataPosition.from_dict(state["data_position"])
         data.restore(state["data_position"])

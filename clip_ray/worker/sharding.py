@@ -62,6 +62,8 @@ def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, pre
         return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if strategy != "fsdp":
         raise ValueError(f"unknown strategy {strategy!r}: expected 'ddp' or 'fsdp'")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # FSDP's default device mesh takes the current device
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
     for module in model.modules():
