@@ -63,18 +63,6 @@ def held_state(model, optimizer) -> dict[str, int]:
     }
 
 
-@contextlib.contextmanager
-def _sharded_even_alone(sharding, strategy: str, world_size: int):
-    """Lets `wrap_for_training` shard on a one-rank group, which it otherwise leaves unwrapped."""
-    real = sharding.rank_and_world
-    if strategy == "fsdp" and world_size == 1:
-        sharding.rank_and_world = lambda: (0, 2)  # only its "one worker: nothing to wrap" test reads this
-    try:
-        yield
-    finally:
-        sharding.rank_and_world = real
-
-
 def _reset_rss_peak() -> bool:
     """Resets this process's VmHWM (Linux 4.0+); False where that is not allowed."""
     try:
@@ -122,8 +110,7 @@ def run_rank(args) -> dict:
                                 compile_mode=args.compile_mode or "default")
         torch.manual_seed(0)  # the same initial weights on every rank
         model = build_model(model_cfg, device=device if cuda else None)
-        with _sharded_even_alone(sharding, args.strategy, args.world_size):
-            train_model = sharding.wrap_for_training(model, args.strategy, device, args.precision)
+        train_model = sharding.wrap_for_training(model, args.strategy, device, args.precision, shard_alone=True)
         optimizer = build_optimizer(model, train_cfg, model_cfg)
         if compiled:
             train_model = torch.compile(train_model, mode=args.compile_mode)

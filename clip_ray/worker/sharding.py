@@ -54,9 +54,11 @@ def unsharded_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.ndim == 0]
 
 
-def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, precision: str = "fp32") -> nn.Module:
-    """The module the training step runs: `model` itself (one worker), DDP-wrapped, or sharded in place."""
-    if rank_and_world()[1] == 1:
+def wrap_for_training(model: nn.Module, strategy: str, device: torch.device, precision: str = "fp32",
+                      shard_alone: bool = False) -> nn.Module:
+    """The module the training step runs: `model` itself (one worker), DDP-wrapped, or sharded in place.
+    `shard_alone`: FSDP even on a one-rank group, which only costs (for measuring that cost)."""
+    if rank_and_world()[1] == 1 and not (shard_alone and strategy == "fsdp"):
         return model
     if strategy == "ddp":
         return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
