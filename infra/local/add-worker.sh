@@ -35,18 +35,20 @@ esac
 require_tools
 service_pid ray-head >/dev/null || die "the Ray head of $STATE_DIR is not running"
 
+# A number is never reused while the cluster runs: a lost node's temp dir and logs stay its own.
 n=1
-while service_pid "ray-worker-$n" >/dev/null; do n=$((n + 1)); done
+while [[ -e "$(pid_file "ray-worker-$n")" ]]; do n=$((n + 1)); done
 name="ray-worker-$n"
-nodes_before="$(alive_node_count)"
 # Half the head's object store, but not under Ray's minimum (75 MiB).
 worker_store_mb=$((OBJECT_STORE_MB / 2 > 100 ? OBJECT_STORE_MB / 2 : 100))
 
-ray_node_env "$WITH_MLFLOW"
+ray_node_env "$WITH_MLFLOW" "$name"
 spawn "$name" "${RAY_NODE_ENV[@]}" "$RAY" start --block \
     --address "$(cat "$STATE_DIR/ray-address")" \
     --temp-dir "$(ray_temp_dir)-w$n" --num-cpus "$num_cpus" --resources "$resources" \
     --object-store-memory $((worker_store_mb * 1024 * 1024)) \
     --dashboard-agent-listen-port "$(free_port)" --disable-usage-stats
-wait_for "Ray worker $n" "$name" node_count_is $((nodes_before + 1))
-log "worker $n joined with $num_cpus CPU(s)${role:+ as a $role node} (pid $(cat "$(pid_file "$name")"))"
+wait_for "Ray worker $n" "$name" worker_is_alive "$n"
+node_id="$(worker_node_id "$n")"
+printf '%s\n' "$node_id" >"$PID_DIR/$name.node-id"
+log "worker $n joined with $num_cpus CPU(s)${role:+ as a $role node} (pid $(cat "$(pid_file "$name")"), node ${node_id:0:12})"

@@ -116,20 +116,33 @@ spawn() {
     )
 }
 
-instance_pids() {
-    # Every live process that carries this state dir's marker, whoever its parent is.
-    local pid
+marked_pids() {
+    # marked_pids VAR=VALUE...: every live process whose environment holds all of them, whoever its parent is.
+    local pid marker
     if [[ -r /proc/self/environ ]]; then
-        grep -lzxF "CLIP_RAY_INSTANCE=$STATE_DIR" /proc/[0-9]*/environ 2>/dev/null |
-            sed -e 's|^/proc/||' -e 's|/environ$||' |
+        grep -lzxF "$1" /proc/[0-9]*/environ 2>/dev/null | sed -e 's|^/proc/||' -e 's|/environ$||' |
             while read -r pid; do
-                if [[ "$pid" != "$$" ]] && is_alive "$pid"; then printf '%s\n' "$pid"; fi
+                if [[ "$pid" == "$$" ]] || ! is_alive "$pid"; then continue; fi
+                for marker in "${@:2}"; do
+                    grep -qzxF "$marker" "/proc/$pid/environ" 2>/dev/null || continue 2
+                done
+                printf '%s\n' "$pid"
             done
     else  # macOS and BSDs: no /proc, but ps can show the environment of one's own processes
+        local lines
         # shellcheck disable=SC2009  # pgrep cannot match on the environment
-        ps -E -ww -o pid= -o command= | grep -F " CLIP_RAY_INSTANCE=$STATE_DIR " | awk '{print $1}' || true
+        lines="$(ps -E -ww -o pid= -o command=)"
+        for marker in "$@"; do lines="$(grep -F " $marker " <<<"$lines" || true)"; done
+        [[ -z "$lines" ]] || awk '{print $1}' <<<"$lines"
     fi
 }
+
+# Every live process that carries this state dir's marker.
+instance_pids() { marked_pids "CLIP_RAY_INSTANCE=$STATE_DIR"; }
+
+# Every live process of one Ray node (ray-head, ray-worker-N): add-worker.sh and start.sh mark each
+# node's `ray start` with CLIP_RAY_NODE=<name>, and its raylet, agents and workers inherit it.
+node_pids() { marked_pids "CLIP_RAY_INSTANCE=$STATE_DIR" "CLIP_RAY_NODE=$1"; }
 
 terminate() {
     # terminate GRACE_S PID...: SIGTERM, wait up to GRACE_S seconds, then SIGKILL.
@@ -220,10 +233,35 @@ print(sum(node["state"] == "ALIVE" for node in nodes))'
 
 node_count_is() { [[ "$(alive_node_count)" == "$1" ]]; }
 
+worker_node_id() {
+    # worker_node_id N: the Ray node id of worker N, from the names of the files its raylet writes into its
+    # session dir (<temp>-wN is worker N's alone: add-worker.sh never reuses a number).
+    local file
+    for file in "$(ray_temp_dir)-w$1"/session_latest/*_port_*; do
+        if [[ -e "$file" && "${file##*_}" =~ ^[0-9a-f]{56}$ ]]; then
+            printf '%s\n' "${file##*_}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+node_is_alive() {
+    # node_is_alive NODE_ID: whether the head lists that node as ALIVE (a node counts, not how many there
+    # are: a lost node stays ALIVE in the count until its health checks have failed).
+    dashboard_get '/api/v0/nodes?limit=1000' | "$PYTHON" -c '
+import json, sys
+nodes = json.load(sys.stdin)["data"]["result"]["result"]
+sys.exit(not any(node["node_id"] == sys.argv[1] and node["state"] == "ALIVE" for node in nodes))' "$1"
+}
+
+worker_is_alive() { local id; id="$(worker_node_id "$1")" && node_is_alive "$id"; }
+
 ray_node_env() {
-    # ray_node_env WITH_MLFLOW: fills RAY_NODE_ENV, the `env ...` prefix of every `ray start`.
-    # Jobs inherit this environment: `python` is the venv's, MLflow and the token are found.
-    RAY_NODE_ENV=(env -u RAY_AUTH_TOKEN -u RAY_ADDRESS PATH="$VENV_BIN:$PATH"
+    # ray_node_env WITH_MLFLOW NODE: fills RAY_NODE_ENV, the `env ...` prefix of the `ray start` of
+    # node NODE (ray-head, ray-worker-N). Jobs inherit this environment: `python` is the venv's,
+    # MLflow and the token are found; CLIP_RAY_NODE marks every process of the node (node_pids).
+    RAY_NODE_ENV=(env -u RAY_AUTH_TOKEN -u RAY_ADDRESS PATH="$VENV_BIN:$PATH" CLIP_RAY_NODE="$2"
         RAY_USAGE_STATS_ENABLED=0
         # Draining waits for Serve replicas; there are none here, so stop at once.
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0)

@@ -96,7 +96,7 @@ if ((with_ray)); then
         --disable-usage-stats)
     [[ -n "${CLIP_RAY_HEAD_CPUS:-}" ]] && head_args+=(--num-cpus "$CLIP_RAY_HEAD_CPUS")
     # --block keeps `ray start` alive as the node's supervisor: SIGTERM to it shuts the node down.
-    ray_node_env "$with_mlflow"
+    ray_node_env "$with_mlflow" ray-head
     spawn ray-head "${RAY_NODE_ENV[@]}" "$RAY" start "${head_args[@]}"
 fi
 

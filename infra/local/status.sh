@@ -51,7 +51,8 @@ for node in sorted(alive, key=lambda node: not node["is_head_node"]):
         [[ -e "$file" ]] || continue
         name="$(basename "$file" .pid)"
         if pid="$(service_pid "$name")"; then
-            echo "Ray worker ${name#ray-worker-}: running (pid $pid, temp dir $(ray_temp_dir)-w${name#ray-worker-})"
+            node_id="$(cat "$PID_DIR/$name.node-id" 2>/dev/null || echo '?')"
+            echo "Ray worker ${name#ray-worker-}: running (pid $pid, node ${node_id:0:12}, temp dir $(ray_temp_dir)-w${name#ray-worker-})"
         else
             down "Ray worker ${name#ray-worker-}" "$name"
         fi
