@@ -26,6 +26,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("clip_ray.eval", "clip_ray.tracking"),
     # what runs inside each Ray Train worker
     ("clip_ray.worker",),
+    # using a trained model: resolving its source, encoder actors, embedding files, search
+    ("clip_ray.inference",),
     # what runs once per job on the driver (prepare, trainer, demo, sweeps)
     ("clip_ray.driver",),
     # the command line

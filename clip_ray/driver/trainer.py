@@ -15,7 +15,6 @@ driver reads the same snapshot to say which of the two is about to happen.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -28,13 +27,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clip_ray.driver.prepare import PreparedJob
+from clip_ray.inference.models import RAY_SNAPSHOT_FILE, ray_train_latest_checkpoint  # noqa: F401 (tests read it here)
 from clip_ray.storage import basename, join, resolve
 from clip_ray.worker.entry import train_worker
 
 log = logging.getLogger("clip_ray.trainer")
-
-# Ray Train V2 writes this file into the run directory after every checkpoint.
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -57,16 +54,7 @@ class RunDirectory:
 
     def latest_checkpoint(self) -> dict | None:
         """Metrics of the checkpoint Ray Train will resume from (they hold the loop's "step"), or None."""
-        fs, path = resolve(join(self.path, RAY_SNAPSHOT_FILE))
-        try:
-            with fs.open_input_stream(path) as stream:
-                snapshot = json.loads(stream.read().decode())
-        except FileNotFoundError:
-            return None
-        latest = snapshot.get("latest_checkpoint_result")
-        if not latest:
-            return None
-        return {"checkpoint": join(self.path, latest["checkpoint_dir_name"]), **latest.get("metrics", {})}
+        return ray_train_latest_checkpoint(self.path)
 
     def move_aside(self) -> str:
         """Renames the run directory to `<run_name>.moved-<timestamp>` beside it; never deletes anything."""
