@@ -285,7 +285,8 @@ def _checkpoint_facts(location: str, scratch: Path) -> tuple[ModelConfig, str | 
     tokenizer = (run_config.get("data") or {}).get("tokenizer") or None
     # The weights' digest, not the path, says which model this is: a copy elsewhere is the same model, and
     # another run's checkpoint at the same step is not.
-    return model_config, tokenizer, {"step": int(state["step"]), "weights_sha256": file_sha256(str(directory / MODEL_FILE))}
+    weights = file_sha256(str(directory / MODEL_FILE))
+    return model_config, tokenizer, {"step": int(state["step"]), "weights_sha256": weights}
 
 
 def _file_facts(path: str, scratch: Path, activation: str) -> tuple[ModelConfig, dict, dict]:
