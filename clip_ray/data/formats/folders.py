@@ -16,7 +16,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import pyarrow.fs as pafs
 
@@ -203,6 +203,15 @@ def read_image_folder(
     except OSError as err:
         counts.reject(FailureReason.UNREADABLE_SHARD, str(root), "", f"{type(err).__name__}: {err}")
         return
+    yield from read_listed_images(images, classes, fs, counts)
+
+
+def read_listed_images(
+    images: Iterable[tuple[str, int]], classes: Sequence[str], filesystem: pafs.FileSystem, counts: FailureCounts,
+) -> Iterator[LabeledImage]:
+    """The images of a `list_image_folder` listing (or a slice of it), read from `filesystem`; an unreadable
+    file counts as MISSING_IMAGE, an empty one as ZERO_BYTE_IMAGE."""
+    fs = filesystem
     for path, class_index in images:
         key = make_key(f"{classes[class_index]}/{basename(path)}")
         try:
