@@ -1,0 +1,49 @@
+"""Arguments several `clip-ray` commands share: Ray, an input source, a config file; printing a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from clip_ray.config import SourceConfig
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    ray = parser.add_argument_group("Ray")
+    ray.add_argument("--ray-address", default=None,
+                     help="cluster to connect to (default: $RAY_ADDRESS, else start a local one)")
+    ray.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local cluster started here")
+
+
+SOURCE_FORMATS = ("webdataset", "parquet", "csv", "coco")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, formats: Sequence[str] = SOURCE_FORMATS) -> None:
+    folder = "; for imagefolder the tree of class folders" if "imagefolder" in formats else ""
+    parser.add_argument("input", help="shard pattern, directory or URI; for csv/coco the dataset folder" + folder)
+    source = parser.add_argument_group("input")
+    source.add_argument("--input-format", choices=list(formats), default="webdataset")
+    source.add_argument("--captions-file", default="captions.csv",
+                        help="csv/coco: captions table relative to INPUT (default: %(default)s)")
+    source.add_argument("--images-dir", default="images", help="csv/coco: image folder relative to INPUT")
+    source.add_argument("--split-file", default=None, help="csv/coco: file of image names to keep")
+    source.add_argument("--image-column", default="image", help="parquet/csv image column")
+    source.add_argument("--caption-column", default="caption", help="parquet/csv caption column")
+
+
+def source_from_args(args: argparse.Namespace) -> SourceConfig:
+    return SourceConfig(path=args.input, format=args.input_format, captions_file=args.captions_file,
+                        images_dir=args.images_dir, split_file=args.split_file,
+                        image_column=args.image_column, caption_column=args.caption_column)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--config", default=None, help=f"YAML config file (default: {default_help})")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="override config values, e.g. --set train.lr=1e-4 cluster.num_workers=4 "
+                             "(values are YAML; repeatable)")
+
+
+def print_summary(summary: dict, keys: Sequence[str]) -> None:
+    print(json.dumps({key: summary[key] for key in keys}, indent=2))
