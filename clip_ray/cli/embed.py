@@ -141,7 +141,7 @@ def format_hits(query: str, hits) -> str:
         text = hit.caption if hit.caption is not None else hit.label
         line = f"{hit.rank:>4}  {hit.score:>7.4f}  {_cell(hit.key, 24):<24}  {_cell(text, 60):<60}"
         lines.append(line + (f"  {hit.url or ''}" if with_url else ""))
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def run_search(args: argparse.Namespace) -> int:
