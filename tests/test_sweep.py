@@ -265,15 +265,16 @@ def test_a_sweep_leaves_its_table_curves_plots_and_mlflow_runs(resumed_sweep):
 @pytest.mark.timeout(1200)
 def test_asha_stops_the_trailing_trial_and_the_next_one_still_runs(tmp_path):
     # Grid order is the list order: a good rate, a rate too small to learn anything, a good rate.
-    # Rungs every 5 steps of 40, so a stopped trial has most of its steps still ahead of it.
-    config = sweep_files(tmp_path, "asha", samples_seen=[40 * BATCH], lrs=[3e-3, 1e-9, 2e-3], scheduler="asha",
-                         asha_grace_samples=5 * BATCH, asha_reduction_factor=2, evals_per_trial=8)
+    # Evaluations every 5 steps of 20, rungs at 5, 10 and 20: a trial stopped at the first rung has three
+    # quarters of its steps still ahead of it.
+    config = sweep_files(tmp_path, "asha", samples_seen=[20 * BATCH], lrs=[3e-3, 1e-9, 2e-3], scheduler="asha",
+                         asha_grace_samples=5 * BATCH, asha_reduction_factor=2, evals_per_trial=4)
     run_to_end(config, tmp_path, tmp_path / "sweep.log")
     results = pd.read_parquet(tmp_path / "sweeps" / "asha" / "results.parquet").set_index("lr")
     assert sorted(results.index) == [1e-9, 2e-3, 3e-3]
-    assert results.loc[3e-3, "status"] == "finished" and results.loc[3e-3, "samples_seen"] == 40 * BATCH
+    assert results.loc[3e-3, "status"] == "finished" and results.loc[3e-3, "samples_seen"] == 20 * BATCH
     stopped = results.loc[1e-9]
-    assert stopped["status"] == "stopped" and stopped["samples_seen"] < 40 * BATCH, stopped.to_dict()
+    assert stopped["status"] == "stopped" and stopped["samples_seen"] < 20 * BATCH, stopped.to_dict()
     assert stopped["val_loss"] > results.loc[3e-3, "val_loss"]
     # The trial after the stopped one got the freed resources and trained.
     assert results.loc[2e-3, "samples_seen"] >= 5 * BATCH
