@@ -119,8 +119,8 @@ def test_local_cluster_runs_a_job_tracks_it_and_stops_clean(tmp_path):
         run([LOCAL / "stop.sh"], env, timeout=120)
         assert marked_pids(state_dir) == []
         assert not is_alive(job_pid)
-        for temp_dir in temp_dirs:  # Ray processes name their temp dir on the command line
-            assert subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True).returncode == 1
+        for node_temp_dir in temp_dirs:  # Ray processes name their temp dir on the command line
+            assert subprocess.run(["pgrep", "-f", str(node_temp_dir)], capture_output=True).returncode == 1
         assert all(port_is_free(p) for p in (head, dashboard, client, mlflow_port))
         assert run([LOCAL / "status.sh"], env, timeout=30, check=False).returncode == 3
         assert not (state_dir / "env.sh").exists() and (state_dir / "mlflow" / "mlflow.db").exists()
