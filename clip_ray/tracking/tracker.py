@@ -92,6 +92,12 @@ class NullTracker:
         """Waits until everything queued so far is sent; False if it was not within `timeout_s`."""
         return True
 
+    def flush_metrics(self, timeout_s: float = 10.0) -> bool:
+        """Waits until the metrics logged so far are in MLflow (artifacts may still be on their way);
+        False if they were not within `timeout_s`, and at once while the server is away: the
+        metrics stay queued, and training does not wait for a server that is not there."""
+        return True
+
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
         """Sends what is left and ends the run with `status` (FINISHED, FAILED, KILLED).
 
@@ -233,6 +239,17 @@ class Tracker(NullTracker):
                 return False
             time.sleep(0.05)
         return True
+
+    def flush_metrics(self, timeout_s: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        while True:
+            with self._lock:
+                if self._run_ready and not self._metrics:
+                    return True
+            if self._unreachable or time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.01)
 
     def close(self, status: str = "FINISHED", timeout_s: float = 60.0) -> None:
         if self._closing.is_set():

@@ -253,6 +253,9 @@ def checkpoint(run: WorkerRun, metrics: dict) -> None:
     state_dicts = full_state_dicts(run.model, run.optimizer)
     directory = None
     if run.context.rank == 0:
+        # Every metric logged so far reaches MLflow before this checkpoint can be resumed from: a restart
+        # (a lost node, a stopped job) replays only the steps after it, so none before it goes missing.
+        run.tracker.flush_metrics(timeout_s=10.0)
         directory = Path(tempfile.mkdtemp(prefix="clip-ray-ckpt-"))
         save_training_state(directory, model=run.model, optimizer=run.optimizer, scaler=run.step_fn.scaler,
                             step=position.step, epoch=position.epoch, samples_seen=position.samples_seen,

@@ -9,6 +9,7 @@ whether a source failed too often, mid-epoch and at the end.
 from __future__ import annotations
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from clip_ray.data.formats import DataError, FailureCounts, check_failure_rate
 
@@ -60,7 +61,10 @@ class FailureTracker:
 
     def __init__(self, name: str | None = None):
         options = {"name": name, "get_if_exists": True} if name else {}
-        self.actor = _FailureLedger.options(**options).remote()
+        # On the creator's node where it can be (rank 0's, in training): the ledger then dies only with a
+        # node the job restarts for anyway, not with a data node whose tasks Ray Data re-runs elsewhere.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.actor = _FailureLedger.options(scheduling_strategy=here, **options).remote()
 
     def report(self, stream: str, source: str, unit: str, counts: FailureCounts) -> None:
         """Blocks until recorded, so a task's counts are in before its last rows are visible."""
