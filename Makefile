@@ -24,7 +24,7 @@ sweep: $(VENV)/.installed
 	$(BIN)/python tune/sweep.py --config configs/sweep-demo-cpu.yaml
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 bench-model: $(VENV)/.installed
 	$(BIN)/python benchmarks/model_step.py
