@@ -16,13 +16,14 @@ from clip_ray.cli.embed import embed_config_from_args
 from clip_ray.config import ConfigError, EmbedConfig, SourceConfig, to_dict
 from clip_ray.data.formats import FailureCounts
 from clip_ray.data.offline.partitions import Partition
-from clip_ray.driver.embed import _Assembler, finished_partitions, fingerprint
+from clip_ray.driver.embed import finished_partitions, fingerprint
 from clip_ray.inference.embedding_files import (
     FORMAT, PAIR_COLUMNS, clean_output_folder, embedding_schema, part_name, read_metadata, write_embedding_file,
 )
 from clip_ray.inference.encoder import ClipEncoder
 from clip_ray.inference.models import ModelSourceError, resolve_model
 from clip_ray.inference.partitions import EmbedPartition, partition_samples, plan_embed_partitions
+from clip_ray.inference.pipeline import PartitionAssembler
 from clip_ray.inference.search import EmbeddingSet, SearchError, exact_top_k, search
 from clip_ray.model import build_model
 from clip_ray.model.tokenizer import train_bpe_tokenizer
@@ -183,7 +184,7 @@ def test_fingerprint_follows_the_weights_and_the_partition_not_where_they_lie():
 
 
 def test_assembler_waits_for_every_row_and_drops_a_retried_tasks_repeats():
-    assembler = _Assembler(("key",), ("image_embedding",))
+    assembler = PartitionAssembler(("key",), ("image_embedding",))
 
     def batch(partition: int, positions: list[int]) -> dict:
         return {"partition": np.full(len(positions), partition), "position": np.array(positions),

@@ -2,7 +2,7 @@
 
     plan (clip_ray.inference.partitions): the input's partitions, numbered
       -> skip every partition whose file a previous run finished with the same fingerprint
-    Ray Data, over the rest:
+    Ray Data, over the rest (clip_ray.inference.pipeline):
       from_items(one row per partition)
       -> map_batches(preprocess_partition)   CPU tasks, any node: read, decode, centre-crop, tokenize;
                                              bad samples skipped and counted (PartitionLedger)
@@ -36,18 +36,17 @@ import time
 
 import numpy as np
 import pyarrow.fs as pafs
-import ray
 
 from clip_ray.config import EmbedConfig
 from clip_ray.data.formats import FailureCounts, check_failure_rate
-from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.inference.embedding_files import (
     FOLDER_COLUMNS, FORMAT, PAIR_COLUMNS, PART_NAME, STATS_FILE, clean_output_folder, embedding_schema, output_path,
     part_name, read_metadata, write_embedding_file,
 )
-from clip_ray.inference.encoder import EMBEDDING_COLUMNS, ClipEncoder
+from clip_ray.inference.encoder import EMBEDDING_COLUMNS
 from clip_ray.inference.models import ResolvedModel, resolve_model
-from clip_ray.inference.partitions import EmbedPartition, PartitionLedger, plan_embed_partitions, preprocess_partition
+from clip_ray.inference.partitions import EmbedPartition, plan_embed_partitions
+from clip_ray.inference.pipeline import encode_partitions, stacked
 from clip_ray.ray_session import connect_ray
 from clip_ray.storage import basename, is_uri, join, local_absolute, resolve, write_file
 
@@ -101,40 +100,6 @@ def fingerprint(identity: dict, partition: EmbedPartition, input_root: str) -> s
     }
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
-
-
-class _Assembler:
-    """Rows of unfinished partitions, gathered until each partition has all that its task emitted."""
-
-    def __init__(self, columns: tuple[str, ...], embeddings: tuple[str, ...]):
-        self.columns, self.embeddings = columns, embeddings
-        self.parts: dict[int, list[dict[str, np.ndarray]]] = {}
-        self.positions: dict[int, set[int]] = {}
-        self.expected: dict[int, FailureCounts] = {}
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        partitions = batch["partition"]
-        for index in np.unique(partitions):
-            mask = partitions == index
-            self.parts.setdefault(int(index), []).append({name: column[mask] for name, column in batch.items()})
-            self.positions.setdefault(int(index), set()).update(batch["position"][mask].tolist())
-
-    def expect(self, reports: dict[int, dict]) -> None:
-        self.expected.update({int(index): FailureCounts.from_dict(counts) for index, counts in reports.items()})
-
-    def complete(self) -> list[int]:
-        return [index for index, counts in self.expected.items()
-                if len(self.positions.get(index, ())) == counts.ok]
-
-    def pop(self, index: int) -> tuple[dict, FailureCounts]:
-        """The partition's columns in input order (a retried task's repeated rows dropped), and its counts."""
-        parts = self.parts.pop(index, [])
-        self.positions.pop(index, None)
-        counts = self.expected.pop(index)
-        columns = {name: np.concatenate([p[name] for p in parts]) if parts else np.empty(0)
-                   for name in ("position", *self.columns, *self.embeddings)}
-        _, first = np.unique(columns["position"], return_index=True)  # sorted by position, one row each
-        return {name: column[first] for name, column in columns.items()}, counts
 
 
 class _Progress:
@@ -204,34 +169,6 @@ def _input_root(config: EmbedConfig) -> str:
     return resolve(path)[1] if not is_uri(path) else path
 
 
-def _dataset(todo: list[EmbedPartition], config: EmbedConfig, model: ResolvedModel, columns: tuple[str, ...],
-             ledger) -> ray.data.Dataset:
-    model_config = model.model_config
-    preprocessor = Preprocessor(model_config.vision.image_size, model_config.text.context_length, model.tokenizer,
-                                train=False, uint8_images=True, max_pixels=config.max_pixels)
-    items = [{"partition": partition.to_json()} for partition in todo]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-        preprocess_partition,
-        batch_size=1,  # one partition per call: its rows stream out in blocks of batch_size
-        batch_format="numpy",
-        num_cpus=config.decode_cpus,
-        fn_kwargs={"source": config.source, "towers": config.towers, "columns": columns,
-                   "preprocessor": preprocessor, "batch_size": config.batch_size, "ledger": ledger},
-    )
-    resources = {"num_cpus": config.num_cpus_per_actor}
-    if config.num_gpus_per_actor:
-        resources["num_gpus"] = config.num_gpus_per_actor
-    return dataset.map_batches(
-        ClipEncoder,
-        fn_constructor_kwargs={"model": model, "towers": config.towers, "dtype": config.dtype,
-                               "precision": config.precision},
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        **resources,
-    )
-
-
 def _write_partition(config: EmbedConfig, identity: dict, partition: EmbedPartition, digest: str,
                      columns: dict[str, np.ndarray], counts: FailureCounts, text_columns: tuple[str, ...]) -> int:
     embeddings = tuple(EMBEDDING_COLUMNS[tower] for tower in config.towers)
@@ -240,10 +177,7 @@ def _write_partition(config: EmbedConfig, identity: dict, partition: EmbedPartit
     schema = embedding_schema(text_columns, embeddings, identity["embed_dim"], config.dtype, metadata)
     values = {name: [value or None for value in columns[name].tolist()] for name in text_columns}  # "" -> null
     for name in embeddings:
-        column = columns[name]
-        if column.dtype == object:  # rows as separate arrays (a fallback of Ray Data's tensor columns)
-            column = np.stack(column) if len(column) else np.empty((0, identity["embed_dim"]))
-        values[name] = column.reshape(-1, identity["embed_dim"])
+        values[name] = stacked(columns[name], identity["embed_dim"])
     return write_embedding_file(output_path(config.output, partition.index), schema, values)
 
 
@@ -277,30 +211,11 @@ def embed(config: EmbedConfig, model: ResolvedModel | None = None) -> dict:
 
     progress = _Progress(len(partitions), len(finished), config.progress_every_s)
     written: dict[int, FailureCounts] = {}
-    if todo:
-        ledger = PartitionLedger.remote()
-        assembler = _Assembler(text_columns, tuple(EMBEDDING_COLUMNS[tower] for tower in config.towers))
-
-        def write_complete() -> None:
-            for index in assembler.complete():
-                columns, counts = assembler.pop(index)
-                rows = _write_partition(config, identity, by_index[index], digests[index], columns, counts,
-                                        text_columns)
-                written[index] = counts
-                progress.written(part_name(index), rows, counts)
-
-        for batch in _dataset(todo, config, model, text_columns, ledger).iter_batches(batch_size=None,
-                                                                                      batch_format="numpy"):
-            assembler.add(batch)
-            assembler.expect(ray.get(ledger.take.remote()))
-            write_complete()
-            progress.tick(sum(len(p) for p in assembler.positions.values()))
-        assembler.expect(ray.get(ledger.take.remote()))
-        write_complete()
-        missing = sorted(p.index for p in todo if p.index not in written)
-        if missing:
-            raise RuntimeError(f"partitions {missing[:10]} did not come back whole from the pipeline "
-                               f"({len(missing)} in all); run the job again to redo them")
+    for index, columns, counts in encode_partitions(todo, model, config, source=config.source, towers=config.towers,
+                                                    columns=text_columns, tick=progress.tick):
+        rows = _write_partition(config, identity, by_index[index], digests[index], columns, counts, text_columns)
+        written[index] = counts
+        progress.written(part_name(index), rows, counts)
     removed = clean_output_folder(config.output, keep={part_name(p.index) for p in partitions})
     if removed:
         log.info("removed %d part file(s) of partitions the input no longer has", removed)
