@@ -209,6 +209,7 @@ class ResolvedModel:
     tracking_uri: str | None = None
     version: dict = field(default_factory=dict)  # the weights' SHA-256 (and step), or the MLflow model id
     state_dict_options: dict = field(default_factory=dict)  # for plain state dicts: activation
+    training_run_id: str | None = None  # the MLflow run that trained it, where its checkpoint or model says so
 
     def load(self, device: torch.device | str = "cpu") -> nn.Module:
         """The model in eval mode on `device`, with encode_image / encode_text giving unit-norm features."""
@@ -235,6 +236,7 @@ class ResolvedModel:
             "tokenizer": {"path": self.tokenizer_path, "sha256": self.tokenizer_sha256,
                           "given": self.tokenizer_given},
             "state_dict_options": self.state_dict_options, "tracking_uri": self.tracking_uri,
+            "training_run_id": self.training_run_id,
         }
 
 
@@ -270,9 +272,9 @@ def _plain_state_dict_config(state_dict: dict, activation: str) -> ModelConfig:
     return config
 
 
-def _checkpoint_facts(location: str, scratch: Path) -> tuple[ModelConfig, str | None, dict]:
-    """(model config, the run's tokenizer path or None, version) of a checkpoint, read without its weights
-    (mapped, not read; a remote checkpoint is downloaded into `scratch`)."""
+def _checkpoint_facts(location: str, scratch: Path) -> tuple[ModelConfig, str | None, dict, str | None]:
+    """(model config, the run's tokenizer path or None, version, its MLflow run id or None) of a checkpoint,
+    read without its weights (mapped, not read; a remote checkpoint is downloaded into `scratch`)."""
     from clip_ray.worker.checkpoint import MODEL_FILE, load_training_state
 
     directory = checkpoint_directory(location, scratch)
@@ -286,7 +288,7 @@ def _checkpoint_facts(location: str, scratch: Path) -> tuple[ModelConfig, str | 
     # The weights' digest, not the path, says which model this is: a copy elsewhere is the same model, and
     # another run's checkpoint at the same step is not.
     weights = file_sha256(str(directory / MODEL_FILE))
-    return model_config, tokenizer, {"step": int(state["step"]), "weights_sha256": weights}
+    return model_config, tokenizer, {"step": int(state["step"]), "weights_sha256": weights}, state.get("mlflow_run_id")
 
 
 def _file_facts(path: str, scratch: Path, activation: str) -> tuple[ModelConfig, dict, dict]:
@@ -353,16 +355,17 @@ def resolve_model(source: str, tokenizer: str | None = None, tracking_uri: str |
     the local SQLite store."""
     source = str(source) if is_uri(source) or is_mlflow_uri(source) else local_absolute(str(source))
     kind = _source_kind(source)
-    uri, options = None, {}
+    uri, options, run_id = None, {}, None
     with tempfile.TemporaryDirectory(prefix="clip-ray-resolve-") as scratch:
         if kind == "mlflow":
             from clip_ray.tracking.run import resolve_tracking_uri
 
             uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
             location, model_config, own_tokenizer, version = _mlflow_facts(source, uri, Path(scratch))
+            run_id = version["run_id"]
         elif kind == "checkpoint":
             location = latest_checkpoint_location(source)
-            model_config, own_tokenizer, version = _checkpoint_facts(location, Path(scratch))
+            model_config, own_tokenizer, version, run_id = _checkpoint_facts(location, Path(scratch))
         else:
             location, own_tokenizer = source, None
             model_config, version, options = _file_facts(source, Path(scratch), activation)
@@ -380,4 +383,4 @@ def resolve_model(source: str, tokenizer: str | None = None, tracking_uri: str |
                                f"only {model_config.text.vocab_size}: not the model's tokenizer")
     return ResolvedModel(source=source, kind=kind, location=location, model_config=model_config, tokenizer=loaded,
                          tokenizer_path=path, tokenizer_sha256=digest, tokenizer_given=tokenizer,
-                         tracking_uri=uri, version=version, state_dict_options=options)
+                         tracking_uri=uri, version=version, state_dict_options=options, training_run_id=run_id)

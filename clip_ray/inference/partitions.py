@@ -98,6 +98,7 @@ class Row:
     url: str | None = None
     label: str | None = None
     source: str = ""
+    meta: str | None = None  # a pair's JSON metadata, as text (what a labelled source may keep its label in)
 
 
 def _pair_row(sample: Sample, partition: Partition) -> Row:
@@ -106,7 +107,8 @@ def _pair_row(sample: Sample, partition: Partition) -> Row:
     else:
         source = partition.shard
     url = sample.meta.get("url")
-    return Row(key=sample.key, caption=sample.caption, url=str(url) if url is not None else None, source=source)
+    return Row(key=sample.key, caption=sample.caption, url=str(url) if url is not None else None, source=source,
+               meta=json.dumps(sample.meta) if sample.meta else None)
 
 
 def _folder_samples(partition: EmbedPartition, counts: FailureCounts) -> Iterator[tuple[Sample, Row]]:
