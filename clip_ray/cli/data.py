@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from clip_ray.cli.common import add_ray_arguments, add_source_arguments, print_summary, source_from_args
+from clip_ray.cli.embed import MODEL_HELP
 from clip_ray.data.formats.samples import DEFAULT_MAX_PIXELS
 
 
@@ -40,10 +41,12 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
     add_ray_arguments(convert)
     convert.set_defaults(run=run_convert)
 
-    curate = commands.add_parser("curate", help="CLIP-style query matching, per-query cap, image dedup")
+    curate = commands.add_parser("curate", help="CLIP-style query matching, per-query cap, image dedup, "
+                                                 "CLIP-score filter")
     add_source_arguments(curate)
     add_output_arguments(curate)
-    curate.add_argument("--queries", required=True, help="query list, one per line")
+    curate.add_argument("--queries", default=None,
+                        help="query list, one per line (optional with a CLIP-score filter)")
     curate.add_argument("--max-per-query", type=int, default=20_000)
     curate.add_argument("--seed", type=int, default=0, help="picks which pairs of a query over the cap stay")
     curate.add_argument("--min-words", type=int, default=0)
@@ -52,8 +55,60 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
     curate.add_argument("--max-chars", type=int, default=None)
     curate.add_argument("--dedup-images", action=argparse.BooleanOptionalAction, default=True,
                         help="drop pairs whose image bytes repeat an earlier pair's")
+    add_clip_score_arguments(curate)
     add_ray_arguments(curate)
     curate.set_defaults(run=run_curate)
+
+
+# ClipScoreConfig field -> its flag, so a bad value's error names the flag.
+CLIP_SCORE_FLAGS = {
+    "model": "--clip-model", "tokenizer": "--clip-tokenizer", "tracking_uri": "--clip-tracking-uri",
+    "state_dict_activation": "--clip-state-dict-activation", "min_score": "--min-clip-score",
+    "top_fraction": "--clip-top-fraction", "actors": "--clip-actors", "cpus_per_actor": "--clip-cpus-per-actor",
+    "gpus_per_actor": "--clip-gpus-per-actor", "decode_cpus": "--clip-decode-cpus", "batch_size": "--clip-batch-size",
+    "precision": "--clip-precision",
+}
+
+
+def add_clip_score_arguments(parser: argparse.ArgumentParser) -> None:
+    clip = parser.add_argument_group(
+        "CLIP-score filter", "keep pairs whose image-text cosine under a CLIP model is high (DataComp's baseline); "
+                             "scored after the caption and query steps, before dedup and the per-query cap")
+    flag = CLIP_SCORE_FLAGS
+    clip.add_argument(flag["model"], default=None, help="the scoring model: " + MODEL_HELP)
+    clip.add_argument(flag["tokenizer"], default=None,
+                      help="its tokenizer.json or CLIP merges file (default: the one its training run recorded)")
+    clip.add_argument(flag["tracking_uri"], default=None, help="MLflow server of an MLflow model")
+    clip.add_argument(flag["state_dict_activation"], choices=["quick_gelu", "gelu"], default="quick_gelu",
+                      help="activation of a plain state dict (OpenAI's: quick_gelu)")
+    clip.add_argument(flag["min_score"], type=float, default=None, help="keep pairs whose cosine is >= this")
+    clip.add_argument(flag["top_fraction"], type=float, default=None,
+                      help="keep the best this fraction of the pairs scored: ceil(fraction x scored), ties to the "
+                           "earlier pair")
+    clip.add_argument(flag["actors"], type=int, default=1, help="encoder actors (each loads the model once)")
+    clip.add_argument(flag["cpus_per_actor"], type=float, default=1.0)
+    clip.add_argument(flag["gpus_per_actor"], type=float, default=0.0,
+                      help="GPU share of an actor, e.g. 0.25 puts four on a GPU (default: CPU only)")
+    clip.add_argument(flag["decode_cpus"], type=float, default=1.0, help="CPUs of one read + decode task")
+    clip.add_argument(flag["batch_size"], type=int, default=256, help="pairs per encoder call")
+    clip.add_argument(flag["precision"], choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                      help="encoder autocast (auto: fp16 on a GPU, fp32 on a CPU)")
+
+
+def clip_score_from_args(args: argparse.Namespace):
+    """The ClipScoreConfig the flags ask for, checked (errors name the flags), or None without any."""
+    from clip_ray.config.clip_score import ClipScoreConfig
+
+    if args.clip_model is None and args.min_clip_score is None and args.clip_top_fraction is None:
+        return None
+    config = ClipScoreConfig(
+        model=args.clip_model or "", tokenizer=args.clip_tokenizer, tracking_uri=args.clip_tracking_uri,
+        state_dict_activation=args.clip_state_dict_activation, min_score=args.min_clip_score,
+        top_fraction=args.clip_top_fraction, actors=args.clip_actors, cpus_per_actor=args.clip_cpus_per_actor,
+        gpus_per_actor=args.clip_gpus_per_actor, decode_cpus=args.clip_decode_cpus, batch_size=args.clip_batch_size,
+        precision=args.clip_precision)
+    config.validate(names=CLIP_SCORE_FLAGS)
+    return config
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -70,7 +125,10 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_curate(args: argparse.Namespace) -> int:
-    from clip_ray.data.offline.curate import CurateOptions, curate
+    from clip_ray.config import ConfigError
+    from clip_ray.data.offline.curate import CurateOptions
+    from clip_ray.driver.curate import curate_job, resolve_clip_model
+    from clip_ray.inference.models import ModelSourceError
 
     options = CurateOptions(
         max_per_query=args.max_per_query, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
@@ -79,8 +137,22 @@ def run_curate(args: argparse.Namespace) -> int:
         output_format=args.output_format, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
         overwrite=args.overwrite,
     )
-    return _run_data_job(args, "curate", lambda: curate(source_from_args(args), args.queries, args.output, options),
-                         ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+    clip_score = clip_score_from_args(args)
+    if args.queries is None and clip_score is None:
+        raise ConfigError("--queries: give a query list, a CLIP-score filter (--clip-model with --min-clip-score "
+                          "and/or --clip-top-fraction), or both")
+    model = None
+    if clip_score is not None:
+        try:  # before Ray starts: a wrong path or a missing tokenizer costs a second, not a cluster start
+            model = resolve_clip_model(clip_score)
+        except ModelSourceError as err:
+            print(f"clip-ray data curate: --clip-model: {err}", file=sys.stderr)
+            return 2
+
+    def job() -> dict:
+        return curate_job(source_from_args(args), args.queries, args.output, options, clip_score, model)
+
+    return _run_data_job(args, "curate", job, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
 
 
 def _run_data_job(args: argparse.Namespace, name: str, job, summary_keys: Sequence[str]) -> int:

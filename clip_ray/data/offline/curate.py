@@ -2,18 +2,26 @@
 
 CLIP's 400M pairs were the web pairs whose text contains one of 500,000
 queries, balanced to at most 20,000 pairs per query. This does the same to any
-source clip-ray reads, plus exact-duplicate image removal and caption length
-filters. Every input pair ends with exactly one fate; the first that applies:
+source clip-ray reads, plus exact-duplicate image removal, caption length
+filters and, optionally, a score filter (DataComp's CLIP-score baseline: the
+scorer is given by the caller, see clip_ray.data.offline.score_filter). Query
+matching is optional when a score filter is given. Every input pair ends with
+exactly one fate; the first that applies:
 
-1. a bad sample (the reader's or the image decoder's reason, e.g. corrupt_image);
+1. a bad sample (the reader's or the image decoder's reason, e.g. corrupt_image;
+   also an image that first fails to decode while being scored, and
+   unreadable_shard for a pair the scorer's re-read no longer finds);
 2. too_short / too_long: fewer than min_words / min_chars or more than
    max_words / max_chars (words are whitespace-separated, chars are counted
    after stripping);
-3. no_query_match: no query occurs in the caption;
-4. duplicate_image: the same image bytes (sha256) as a pair earlier in the
+3. no_query_match: no query occurs in the caption (only with queries);
+4. low_clip_score: the pair's score is below the threshold, or outside the
+   top fraction of the pairs scored (only with a score filter; only pairs that
+   got this far are scored, since the model is the expensive step);
+5. duplicate_image: the same image bytes (sha256) as a pair earlier in the
    input order (partition, then position in it) that also got this far;
-5. over_cap: see below;
-6. kept.
+6. over_cap: see below (only with queries);
+7. kept.
 
 Matching is by whole tokens: caption and queries are casefolded and split into
 words (`\\w+`) and single punctuation marks, and a query matches where its token
@@ -24,20 +32,24 @@ n-grams are looked up in a dict, so the cost per caption does not grow with
 the number of queries.
 
 A pair matching several queries counts toward its rarest one: the query with
-the fewest matched pairs (after steps 1-2, before dedup), ties to the query
-listed first. Rare queries are where balancing matters, and the choice is a
-per-pair function of global counts, so it runs in parallel. Within a query,
-the pairs kept are the `max_per_query` with the smallest sha256(seed/partition/
-position): a seeded random sample, the same for any number of workers.
+the fewest matched pairs (after steps 1-3, before the score filter and dedup),
+ties to the query listed first. Rare queries are where balancing matters, and
+the choice is a per-pair function of global counts, so it runs in parallel.
+Within a query, the pairs kept are the `max_per_query` with the smallest
+sha256(seed/partition/position) among those that passed steps 4-5: a seeded
+random sample, the same for any number of workers.
 
 Pass one reads every partition (as `convert` partitions it) in parallel and
 emits one small row per pair: position, key, fate so far, matched query ids,
-image hash. Dedup and the cap are Ray Data groupbys over those rows (by image
-hash, by assigned query). The driver then collects the kept (partition,
-position) pairs, and pass two re-reads the partitions and writes the kept
-samples with `convert`'s writer, so the output folder follows its naming and
-re-run rules; each kept sample's meta gains "query". The report (report.json)
-has per-query matched and kept counts and every fate's count.
+image hash. The score filter, dedup and the cap work on those rows (the scores
+are joined to them; dedup and the cap are groupbys by image hash and by
+assigned query). The driver then collects the kept (partition, position)
+pairs, and pass two re-reads the partitions and writes the kept samples with
+`convert`'s writer, so the output folder follows its naming and re-run rules;
+each kept sample's meta gains "query" (with queries) and "clip_score" (with a
+score filter). The report (report.json) has per-query matched and kept counts,
+every fate's count and, with a score filter, the scorer's identity, the score
+quantiles of the pairs scored and the score at a top-fraction cut.
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from clip_ray.config import SourceConfig
 from clip_ray.data.formats import DEFAULT_MAX_PIXELS, BadSample, DataError, FailureCounts, Sample, decode_image
 from clip_ray.data.offline.convert import run_partitions, sum_counts
 from clip_ray.data.offline.partitions import ConvertOptions, Partition, plan_partitions, read_partition, write_json
+from clip_ray.data.offline.score_filter import LOW_CLIP_SCORE, ScoreFilter, filter_by_score, scored_report
 from clip_ray.ray_session import connect_ray
 from clip_ray.storage import join, resolve
 
@@ -73,7 +86,7 @@ REPORT_FILE = "report.json"
 # One row per input pair (position -1: a pair the reader could not even yield).
 SCAN_SCHEMA = pa.schema([
     ("partition", pa.int32()), ("position", pa.int32()), ("drop", pa.string()),
-    ("queries", pa.list_(pa.int32())), ("image_hash", pa.binary()), ("query", pa.int32()),
+    ("queries", pa.list_(pa.int32())), ("image_hash", pa.binary()), ("query", pa.int32()), ("score", pa.float32()),
 ])
 # Rows per shuffle partition of the global steps; a few hundred thousand small rows is a cheap block.
 ROWS_PER_SHUFFLE_PARTITION = 500_000
@@ -172,6 +185,8 @@ def judge(sample: Sample, options: CurateOptions, matcher: QueryMatcher) -> tupl
     if (options.max_words is not None and words > options.max_words) or \
             (options.max_chars is not None and chars > options.max_chars):
         return TOO_LONG, []
+    if not len(matcher):  # no queries: the caption filters are the last step here
+        return KEPT, []
     queries = matcher.match(sample.caption)
     return (KEPT, queries) if queries else (NO_QUERY_MATCH, [])
 
@@ -185,10 +200,10 @@ def scan_partition(partition: Partition, source: SourceConfig, options: CurateOp
         drop, queries = judge(sample, options, matcher)
         digest = hashlib.sha256(sample.image).digest() if drop == KEPT else b""
         rows.append({"partition": partition.index, "position": position, "drop": drop, "queries": queries,
-                     "image_hash": digest, "query": -1})
+                     "image_hash": digest, "query": -1, "score": None})
     for reason, n in sorted(read_counts.failed.items()):
         rows.extend({"partition": partition.index, "position": -1, "drop": reason, "queries": [],
-                     "image_hash": b"", "query": -1} for _ in range(n))
+                     "image_hash": b"", "query": -1, "score": None} for _ in range(n))
     return rows
 
 
@@ -263,64 +278,85 @@ def count_fates(dataset: ray.data.Dataset) -> dict[str, int]:
     return totals
 
 
-def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int) -> tuple[ray.data.Dataset, list[int]]:
-    """Steps 4-5 over pass one's rows: (the rows that got that far with their final fate and query, matched counts)."""
+def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
+           score_filter: ScoreFilter | None = None, partitions: list[Partition] | None = None,
+           source: SourceConfig | None = None) -> tuple[ray.data.Dataset, list[int], dict[str, int], dict | None]:
+    """Steps 4-6 over pass one's rows: (the rows that reached the cap with their final fate and query, matched
+    counts, {fate: pairs} dropped by the score filter and dedup, the score filter's report or None)."""
     num_rows = scan.count()
     shuffle_partitions = max(1, min(200, math.ceil(num_rows / ROWS_PER_SHUFFLE_PARTITION)))
     candidates = scan.map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow").materialize()
     matched = [0] * num_queries
+    dropped: dict[str, int] = {}
+    score_report = scored_report(score_filter, 0) if score_filter is not None else None
     if candidates.count() == 0:
-        return candidates, matched
-    matches = candidates.map_batches(_one_row_per_match, batch_format="pyarrow")
-    per_query = matches.groupby("query", num_partitions=shuffle_partitions).map_groups(_group_size,
-                                                                                       batch_format="pyarrow")
-    for row in per_query.take_all():
-        matched[row["query"]] = row["pairs"]
+        return candidates, matched, dropped, score_report
+    if num_queries:
+        matches = candidates.map_batches(_one_row_per_match, batch_format="pyarrow")
+        per_query = matches.groupby("query", num_partitions=shuffle_partitions).map_groups(
+            _group_size, batch_format="pyarrow")
+        for row in per_query.take_all():
+            matched[row["query"]] = row["pairs"]
+    if score_filter is not None:
+        judged, score_report = filter_by_score(candidates, score_filter, partitions, source, shuffle_partitions)
+        dropped.update((fate, n) for fate, n in count_fates(judged).items() if fate != KEPT)
+        candidates = judged.map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow").materialize()
     survivors = candidates
     if options.dedup_images:
         survivors = (candidates.groupby("image_hash", num_partitions=shuffle_partitions)
                      .map_groups(_mark_duplicates, batch_format="pyarrow")
-                     .map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow"))
+                     .map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")).materialize()
+        dropped[DUPLICATE_IMAGE] = candidates.count() - survivors.count()
+    if not num_queries:
+        return survivors, matched, dropped, score_report
     decided = (survivors.map_batches(_assign_rarest, fn_kwargs={"matched": matched}, batch_format="pyarrow")
                .groupby("query", num_partitions=shuffle_partitions)
                .map_groups(_apply_cap, fn_kwargs={"cap": options.max_per_query, "seed": options.seed},
                            batch_format="pyarrow"))
-    return decided.materialize(), matched
+    return decided.materialize(), matched, dropped, score_report
 
 
 def kept_positions(decided: ray.data.Dataset, names: list[str]) -> tuple[dict[int, dict[int, dict]], list[int]]:
-    """({partition: {position: {"query": name}}}, kept pairs per query id), streamed to the driver in batches.
+    """({partition: {position: meta to add}}, kept pairs per query id), streamed to the driver in batches.
 
     This is the one place the driver holds per-pair data: a dict entry per kept
-    pair (the meta dicts are shared, one per query).
+    pair (without scores the meta dicts are shared, one per query).
     """
     keep: dict[int, dict[int, dict]] = {}
     kept_per_query = [0] * len(names)
-    meta = [{"query": name} for name in names]
+    meta = [{"query": name} for name in names] + [{}]  # [-1]: no query
     kept = decided.map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")
-    for batch in kept.select_columns(["partition", "position", "query"]).iter_batches(batch_format="numpy"):
-        columns = (batch[name].tolist() for name in ("partition", "position", "query"))
-        for partition, position, query in zip(*columns):
-            keep.setdefault(partition, {})[position] = meta[query]
-            kept_per_query[query] += 1
+    columns = ["partition", "position", "query", "score"]
+    for batch in kept.select_columns(columns).iter_batches(batch_format="pyarrow"):
+        for partition, position, query, score in zip(*(batch[name].to_pylist() for name in columns)):
+            keep.setdefault(partition, {})[position] = meta[query] if score is None else {**meta[query],
+                                                                                          "clip_score": score}
+            if query >= 0:
+                kept_per_query[query] += 1
     return keep, kept_per_query
 
 
 # --------------------------------------------------------------------------- the job
 
 
-def curate(source: SourceConfig, queries_file: str, out_dir: str, options: CurateOptions | None = None) -> dict:
-    """Curates `source` against the queries in `queries_file` into shards under `out_dir`; returns the report.
+def curate(source: SourceConfig, queries_file: str | None, out_dir: str, options: CurateOptions | None = None,
+           score_filter: ScoreFilter | None = None) -> dict:
+    """Curates `source` against the queries in `queries_file` and/or by `score_filter` into shards under
+    `out_dir`; returns the report.
 
     Uses the Ray cluster this process is connected to, or connects as `connect_ray` does.
     """
     options = options or CurateOptions()
     options.validate()
     source.validate("source")
+    if queries_file is None and score_filter is None:
+        raise ValueError("curation needs a queries file, a score filter, or both")
+    if score_filter is not None:
+        score_filter.validate()
     started = time.time()
     connect_ray()
-    matcher = QueryMatcher.from_file(queries_file)
-    if not len(matcher):
+    matcher = QueryMatcher.from_file(queries_file) if queries_file is not None else QueryMatcher([])
+    if queries_file is not None and not len(matcher):
         raise ValueError(f"{queries_file}: no queries")
     planning = FailureCounts()
     partitions = plan_partitions(source, options.samples_per_shard, planning)
@@ -332,32 +368,37 @@ def curate(source: SourceConfig, queries_file: str, out_dir: str, options: Curat
                          concurrency=options.num_workers,
                          fn_kwargs={"source": source, "options": options, "matcher": matcher})
             .materialize())
-    decided, matched = decide(scan, options, len(matcher))
-
-    first_fates = count_fates(scan)
+    decided, matched, later_drops, score_report = decide(scan, options, len(matcher), score_filter, partitions,
+                                                         source)
     keep, kept_per_query = kept_positions(decided, matcher.names)
-    dropped = {reason: n for reason, n in first_fates.items() if reason != KEPT}
-    for reason, n in planning.failed.items():
-        dropped[reason] = dropped.get(reason, 0) + n
-    if options.dedup_images:
-        dropped[DUPLICATE_IMAGE] = first_fates.get(KEPT, 0) - decided.count()
-    dropped[OVER_CAP] = decided.count() - sum(kept_per_query)
+    dropped = dict(planning.failed)
+    for fates in (count_fates(scan), later_drops, count_fates(decided)):
+        for reason, n in fates.items():
+            if reason != KEPT:
+                dropped[reason] = dropped.get(reason, 0) + n
+    steps_run = {NO_QUERY_MATCH: len(matcher), LOW_CLIP_SCORE: score_filter is not None,
+                 DUPLICATE_IMAGE: options.dedup_images, OVER_CAP: len(matcher)}
+    for fate, ran in steps_run.items():
+        if ran:  # a step that ran says so, with 0 when it dropped nothing
+            dropped.setdefault(fate, 0)
+    kept = sum(len(positions) for positions in keep.values())
 
     results = run_partitions(partitions, source, options.write_options(), out_dir, keep=keep)
     written = sum_counts(results)
     report = {
         "pairs_seen": scan.count() + planning.num_failed,
-        "kept": sum(kept_per_query),
+        "kept": kept,
         "dropped": dict(sorted(dropped.items())),
         "queries": {matcher.names[q]: {"matched": matched[q], "kept": kept_per_query[q]}
                     for q in range(len(matcher)) if matched[q]},
         "num_queries": len(matcher),
         "queries_matched": sum(n > 0 for n in matched),
+        "clip_score": score_report,
         "samples_written": written.ok,
         "shards": sorted(name for result in results for name in result["shards"]),
         "duration_s": round(time.time() - started, 3),
         "input": dataclasses.asdict(source),
-        "queries_file": str(queries_file),
+        "queries_file": str(queries_file) if queries_file is not None else None,
         "options": dataclasses.asdict(options),
         "output": {"dir": str(out_dir)},
     }

@@ -1,0 +1,174 @@
+"""A per-pair score filter for curation: scores joined to the scan rows, a threshold and/or a top-fraction cut.
+
+The scores come from a `PairScorer` the caller gives (the CLIP score is
+clip_ray.inference.clip_score's; this layer knows nothing of models). It gets the
+candidate rows, (partition, position) of every pair still in the running, and
+returns one SCORE_SCHEMA row per candidate it could score, or with `drop` set to
+the reason it could not (an image that does not decode): small rows, never images.
+
+Those rows are joined to the candidates by (partition, position): both sides go
+into one Ray Data groupby by partition, and each partition's rows are matched
+there. A candidate without a score row (its partition read shorter the second
+time) is dropped as unreadable_shard. Then every scored pair gets its fate:
+
+- `min_score`: a pair whose score is below it is low_clip_score;
+- `top_fraction` f: the scored pairs are sorted by score, highest first, ties to
+  the earlier pair (partition, then position), and the first ceil(f x scored) stay
+  (f x scored is rounded to 9 decimals first, so 0.3 of 10 is 3); the rest are
+  low_clip_score too. With both, a pair must pass both.
+
+The sort runs over the scored rows only (a score and two ints each); order
+statistics come from the sorted, materialised rows by index, so the quantiles
+in the report and the score at the cut are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from clip_ray.config import SourceConfig
+from clip_ray.data.formats import FailureReason
+from clip_ray.data.offline.partitions import Partition
+
+LOW_CLIP_SCORE = "low_clip_score"
+# What a scorer returns per candidate: drop "" for a scored pair, else why it could not be scored (score NaN).
+SCORE_SCHEMA = pa.schema([("partition", pa.int32()), ("position", pa.int32()), ("score", pa.float32()),
+                          ("drop", pa.string())])
+QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "max": 1.0}
+_SIDE = "_side"  # 0: a candidate row, 1: a score row, while the two are joined
+
+
+class PairScorer(Protocol):
+    def __call__(self, candidates: ray.data.Dataset, partitions: list[Partition],
+                 source: SourceConfig) -> ray.data.Dataset:
+        """SCORE_SCHEMA rows for the (partition, position) rows of `candidates` (see the module docstring)."""
+
+
+@dataclass
+class ScoreFilter:
+    """What curation needs to filter by a score: the scorer, the rule, and what the report says about the scorer."""
+
+    scorer: PairScorer
+    min_score: float | None = None
+    top_fraction: float | None = None
+    about: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.min_score is None and self.top_fraction is None:
+            raise ValueError("a score filter needs min_score or top_fraction")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
+# --------------------------------------------------------------------------- the join
+
+
+def _as_side(batch: pa.Table, side: int, schema: pa.Schema) -> pa.Table:
+    """`batch` in the candidates' `schema` (missing columns null) plus the side it came from."""
+    columns = [batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+               for f in schema]
+    columns.append(pa.array(np.full(batch.num_rows, side, dtype=np.int8)))
+    return pa.Table.from_arrays(columns, schema=schema.append(pa.field(_SIDE, pa.int8())))
+
+
+def _match_scores(group: pa.Table) -> pa.Table:
+    """One partition's candidate and score rows -> its candidate rows with score and drop filled in."""
+    is_score = pc.equal(group[_SIDE], 1)
+    scores = group.filter(is_score)
+    found: dict[int, tuple[float, str]] = {}
+    for position, score, drop in zip(*(scores[name].to_pylist() for name in ("position", "score", "drop"))):
+        found.setdefault(position, (score, drop))  # a retried task's repeat says the same
+    pairs = group.filter(pc.invert(is_score)).drop_columns([_SIDE])
+    missing = (None, FailureReason.UNREADABLE_SHARD.value)
+    matched = [found.get(position, missing) for position in pairs["position"].to_pylist()]
+    pairs = pairs.set_column(pairs.schema.get_field_index("score"), "score",
+                             pa.array([score for score, _ in matched], pa.float32()))
+    return pairs.set_column(pairs.schema.get_field_index("drop"), "drop",
+                            pa.array([drop for _, drop in matched], pa.string()))
+
+
+def attach_scores(candidates: ray.data.Dataset, scores: ray.data.Dataset, num_partitions: int) -> ray.data.Dataset:
+    """The candidate rows with the scorer's score and drop, joined on (partition, position)."""
+    schema = candidates.schema().base_schema
+    left = candidates.map_batches(_as_side, fn_kwargs={"side": 0, "schema": schema}, batch_format="pyarrow")
+    right = scores.map_batches(_as_side, fn_kwargs={"side": 1, "schema": schema}, batch_format="pyarrow")
+    return left.union(right).groupby("partition", num_partitions=num_partitions).map_groups(
+        _match_scores, batch_format="pyarrow")
+
+
+# --------------------------------------------------------------------------- the cut
+
+
+def _scored_only(batch: pa.Table) -> pa.Table:
+    scored = batch.filter(pc.equal(batch["drop"], ""))
+    return pa.table({"order": pc.negate(scored["score"]), "partition": scored["partition"],
+                     "position": scored["position"]})
+
+
+def top_fraction_size(fraction: float, scored: int) -> int:
+    """How many pairs a top-`fraction` cut keeps: ceil(fraction x scored), the product rounded to 9 decimals first."""
+    return math.ceil(round(fraction * scored, 9))
+
+
+def _row_at(ranked: ray.data.Dataset, index: int) -> dict:
+    return ranked.split_at_indices([index, index + 1])[1].take(1)[0]
+
+
+def scored_report(score_filter: ScoreFilter, scored: int) -> dict:
+    """The report's "clip_score" part before the quantiles: the rule, the scorer, how many pairs were scored."""
+    return {"min_score": score_filter.min_score, "top_fraction": score_filter.top_fraction, **score_filter.about,
+            "scored": scored}
+
+
+def rank_scores(judged: ray.data.Dataset, score_filter: ScoreFilter) -> tuple[tuple | None, dict]:
+    """(the last pair a top-fraction cut keeps as (score, partition, position), or None; the report's part)."""
+    ranked = judged.map_batches(_scored_only, batch_format="pyarrow").sort(["order", "partition", "position"])
+    ranked = ranked.materialize()
+    scored = ranked.count()
+    report = scored_report(score_filter, scored)
+    if scored:
+        # Quantile q is the score at ascending rank round(q (n - 1)); the ranking is descending.
+        report["quantiles"] = {name: -_row_at(ranked, scored - 1 - round(q * (scored - 1)))["order"]
+                               for name, q in QUANTILES.items()}
+    cut = None
+    if score_filter.top_fraction is not None and scored:
+        keep = top_fraction_size(score_filter.top_fraction, scored)
+        last = _row_at(ranked, keep - 1)
+        cut = (-last["order"], last["partition"], last["position"])
+        report["top_fraction_kept"] = keep
+        report["top_fraction_threshold"] = cut[0]
+    return cut, report
+
+
+def _judge_scores(batch: pa.Table, min_score: float | None, cut: tuple | None) -> pa.Table:
+    """Scored pairs that fail the threshold or fall below the cut become low_clip_score (NaN fails both)."""
+    drop = batch["drop"].to_numpy(zero_copy_only=False)
+    score = batch["score"].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls (unscored) are NaN
+    passes = np.ones(len(drop), dtype=bool)
+    if min_score is not None:
+        passes &= score >= min_score
+    if cut is not None:
+        cut_score, cut_partition, cut_position = cut
+        partition, position = batch["partition"].to_numpy(), batch["position"].to_numpy()
+        earlier = (partition < cut_partition) | ((partition == cut_partition) & (position <= cut_position))
+        passes &= (score > cut_score) | ((score == cut_score) & earlier)
+    fates = np.where((drop == "") & ~passes, LOW_CLIP_SCORE, drop)
+    return batch.set_column(batch.schema.get_field_index("drop"), "drop", pa.array(fates.tolist(), pa.string()))
+
+
+def filter_by_score(candidates: ray.data.Dataset, score_filter: ScoreFilter, partitions: list[Partition],
+                    source: SourceConfig, num_partitions: int) -> tuple[ray.data.Dataset, dict]:
+    """(the candidates, each with its score and its fate after the filter; the report's "clip_score" part)."""
+    places = candidates.select_columns(["partition", "position"])
+    judged = attach_scores(candidates, score_filter.scorer(places, partitions, source), num_partitions).materialize()
+    cut, report = rank_scores(judged, score_filter)
+    filtered = judged.map_batches(_judge_scores, fn_kwargs={"min_score": score_filter.min_score, "cut": cut},
+                                  batch_format="pyarrow")
+    return filtered.materialize(), report

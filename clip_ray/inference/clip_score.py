@@ -1,0 +1,113 @@
+"""CLIP scores of image-text pairs, streamed: the scorer of curation's score filter (data/offline/score_filter.py).
+
+    candidates (partition, position)
+      -> groupby(partition).map_groups(read_for_scoring)   CPU tasks, any node: read the partition once,
+                                                          decode + centre-crop + tokenize only the wanted pairs
+      -> map_batches(ClipScorer)                          an actor pool, each actor loading the model once:
+                                                          both towers, cosine of the two unit vectors
+      -> (partition, position, score, drop) rows
+
+The pixels exist only in Ray Data's streaming blocks between the two stages; what
+leaves the actors is a float and two ints per pair, and nothing comes to the driver.
+A pair whose image does not decode goes on with zero pixels and its reason in `drop`
+(the actor does not encode it), so curation counts it by reason. The preprocessing is
+the embedding job's (`Preprocessor(train=False)`, uint8 pixels normalised on the
+actor's device), so a score is the cosine of what `clip-ray embed` would write, in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import ray
+
+from clip_ray.config import SourceConfig
+from clip_ray.config.clip_score import ClipScoreConfig
+from clip_ray.data.formats import BadSample, FailureCounts
+from clip_ray.data.offline.partitions import Partition, read_partition
+from clip_ray.data.stream.preprocess import Preprocessor
+from clip_ray.inference.encoder import TOWERS, ClipEncoder
+from clip_ray.inference.models import ResolvedModel
+
+
+class ClipScorer(ClipEncoder):
+    """Scores decoded pairs: the cosine of the image and the text embedding (unit vectors, float32)."""
+
+    def __init__(self, model: ResolvedModel, precision: str = "auto", device: str | None = None):
+        super().__init__(model, towers=TOWERS, dtype="float32", precision=precision, device=device)
+
+    def score(self, images: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """[N, 3, S, S] uint8 pixels and [N, L] tokens -> [N] float32 cosines."""
+        return np.einsum("nd,nd->n", self.encode_images(images), self.encode_texts(tokens)).astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        drop = batch["drop"]
+        good = drop == ""
+        scores = np.full(len(drop), np.nan, dtype=np.float32)
+        if good.any():
+            scores[good] = self.score(batch["image"][good], batch["text"][good])
+        return {"partition": batch["partition"], "position": batch["position"], "score": scores, "drop": drop}
+
+
+def _block(index: int, positions: list[int], pixels: list[np.ndarray], captions: list[str], drops: list[str],
+           preprocessor: Preprocessor) -> dict[str, np.ndarray]:
+    return {"partition": np.full(len(positions), index, dtype=np.int32), "position": np.array(positions, np.int32),
+            "image": np.stack(pixels).transpose(0, 3, 1, 2), "text": preprocessor.text(captions),
+            "drop": np.array(drops, dtype=object)}
+
+
+def read_for_scoring(group: dict[str, np.ndarray], *, partitions: dict[int, Partition], source: SourceConfig,
+                     preprocessor: Preprocessor, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """One partition's wanted positions in; its pairs at those positions, decoded, out in blocks of `batch_size`.
+
+    Positions count the samples the reader yields, as curation's scan counted them; the reader's
+    own skips were counted by the scan. The read stops at the last wanted position."""
+    index = int(group["partition"][0])
+    wanted = set(group["position"].tolist())
+    blank = np.zeros((preprocessor.image_size, preprocessor.image_size, 3), dtype=np.uint8)
+    positions, pixels, captions, drops = [], [], [], []
+    for position, sample in enumerate(read_partition(partitions[index], source, FailureCounts())):
+        if position not in wanted:
+            continue
+        wanted.discard(position)
+        try:
+            pixels.append(preprocessor.image(sample))
+            drops.append("")
+        except BadSample as bad:
+            pixels.append(blank)
+            drops.append(bad.reason.value)
+        positions.append(position)
+        captions.append(sample.caption)
+        if len(positions) == batch_size:
+            yield _block(index, positions, pixels, captions, drops, preprocessor)
+            positions, pixels, captions, drops = [], [], [], []
+        if not wanted:
+            break
+    if positions:
+        yield _block(index, positions, pixels, captions, drops, preprocessor)
+
+
+class ClipPairScorer:
+    """A `PairScorer` (clip_ray.data.offline.score_filter) that scores pairs with one CLIP model on an actor pool."""
+
+    def __init__(self, model: ResolvedModel, config: ClipScoreConfig, max_pixels: int):
+        self.model, self.config = model, config
+        model_config = model.model_config
+        self.preprocessor = Preprocessor(model_config.vision.image_size, model_config.text.context_length,
+                                         model.tokenizer, train=False, uint8_images=True, max_pixels=max_pixels)
+
+    def __call__(self, candidates: ray.data.Dataset, partitions: list[Partition],
+                 source: SourceConfig) -> ray.data.Dataset:
+        config = self.config
+        decoded = candidates.groupby("partition", num_partitions=max(1, len(partitions))).map_groups(
+            read_for_scoring, batch_format="numpy", num_cpus=config.decode_cpus,
+            fn_kwargs={"partitions": {p.index: p for p in partitions}, "source": source,
+                       "preprocessor": self.preprocessor, "batch_size": config.batch_size})
+        resources = {"num_cpus": config.cpus_per_actor}
+        if config.gpus_per_actor:
+            resources["num_gpus"] = config.gpus_per_actor
+        return decoded.map_batches(
+            ClipScorer, fn_constructor_kwargs={"model": self.model, "precision": config.precision},
+            batch_size=config.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.actors),
+            **resources)
