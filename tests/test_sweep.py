@@ -3,7 +3,7 @@
 Each sweep runs as its own process with its own local Ray (as a user runs it), on
 real demo shards, with an MLflow SQLite store under the test's tmp_path:
 
-- a 2 x 2 sweep (widths x samples seen) is killed, driver and local cluster, once
+- a 2 x 2 sweep (widths x samples seen, two trials at a time) is killed, driver and local cluster, once
   its first trial has finished, and run again: the finished trial is not trained
   again, the sweep completes, and it leaves the results table, the learning curves,
   the plots and one MLflow parent run with a child per trial;
@@ -31,7 +31,9 @@ from repo_paths import REPO_ROOT
 from train_job_helpers import TINY_DEMO, tiny_config, write_config
 
 from clip_ray.config import ConfigError, load_sweep_config
-from clip_ray.driver.sweep.trials import param_space, search_algorithm, space_values, trial_config, trial_key
+from clip_ray.driver.sweep.trials import (
+    learning_curves, param_space, search_algorithm, space_values, trial_config, trial_key,
+)
 from clip_ray.model import model_stats, scale_model
 
 BATCH = 32
@@ -49,9 +51,9 @@ def sweep_files(root: Path, name: str, **sweep) -> Path:
     return write_config({"base": "job.yaml", "sweep": section}, root / f"{name}.yaml")
 
 
-def sweep_command(config: Path, root: Path) -> list[str]:
+def sweep_command(config: Path, root: Path, num_cpus: int = 2) -> list[str]:
     return [sys.executable, str(REPO_ROOT / "tune" / "sweep.py"), "--config", str(config),
-            "--demo-data-dir", str(root / "demo-data"), "--num-cpus", "2"]
+            "--demo-data-dir", str(root / "demo-data"), "--num-cpus", str(num_cpus)]
 
 
 def sweep_env() -> dict:
@@ -61,9 +63,9 @@ def sweep_env() -> dict:
     return env
 
 
-def run_to_end(config: Path, root: Path, log: Path, timeout_s: float = 900) -> str:
+def run_to_end(config: Path, root: Path, log: Path, timeout_s: float = 900, num_cpus: int = 2) -> str:
     with log.open("a") as out:
-        done = subprocess.run(sweep_command(config, root), stdout=out, stderr=subprocess.STDOUT, env=sweep_env(),
+        done = subprocess.run(sweep_command(config, root, num_cpus), stdout=out, stderr=subprocess.STDOUT, env=sweep_env(),
                               timeout=timeout_s, cwd=root)
     text = log.read_text()
     assert done.returncode == 0, text[-4000:]
@@ -159,12 +161,14 @@ def test_random_search_draws_from_the_lists_and_the_seed_repeats_them(tmp_path):
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sweep")
+    # Two trials at a time: a trial is mostly start-up and waiting (a Ray Train run of 5-10 tiny steps), so
+    # two overlap well on two cores. Four logical CPUs fit two trials' workers (0.8 each) and their decoding.
     config = sweep_files(root, "grid", width_multipliers=[1, 2], samples_seen=[5 * BATCH, 10 * BATCH],
-                         budget=BUDGET)
+                         budget=BUDGET, max_concurrent_trials=2)
     sweep_dir = root / "sweeps" / "grid"
     log = root / "sweep.log"
     with log.open("w") as out:
-        first = subprocess.Popen(sweep_command(config, root), stdout=out, stderr=subprocess.STDOUT,
+        first = subprocess.Popen(sweep_command(config, root, num_cpus=4), stdout=out, stderr=subprocess.STDOUT,
                                  env=sweep_env(), cwd=root, start_new_session=True)
     deadline = time.monotonic() + 600
     while not records(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
@@ -174,7 +178,7 @@ def resumed_sweep(tmp_path_factory) -> dict:
     assert len(before) >= 1, "no trial finished within 600 s:\n" + log.read_text()[-3000:]
     kill_tree(first)
     killed_at = len(log.read_text())
-    text = run_to_end(config, root, log)
+    text = run_to_end(config, root, log, num_cpus=4)
     return {"root": root, "sweep_dir": sweep_dir, "before": before, "second_log": text[killed_at:],
             "uri": f"sqlite:///{root}/mlflow.db"}
 
@@ -281,3 +285,16 @@ def test_asha_stops_the_trailing_trial_and_the_next_one_still_runs(tmp_path):
     # The stopped trial's MLflow run is ended, not left running.
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(stopped["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_a_step_evaluated_twice_is_one_point_of_the_learning_curve(tmp_path):
+    # A trial killed after its last checkpoint but before its record is evaluated again when the sweep resumes:
+    # its MLflow run then holds two val/loss values at that step.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("curves")).info.run_id
+    for step, value in ((0, 4.0), (5, 3.5), (5, 3.25)):
+        client.log_metric(run_id, "val/loss", value, step=step)
+        time.sleep(0.01)  # distinct timestamps: the later value is the later evaluation
+    curve = [(p["step"], p["value"]) for p in learning_curves(uri, run_id, BATCH) if p["metric"] == "val/loss"]
+    assert curve == [(0, 4.0), (5, 3.25)]

@@ -154,8 +154,10 @@ def learning_curves(tracking_uri: str, run_id: str | None, global_batch_size: in
         except Exception as err:  # noqa: BLE001 - the record is kept without curves, and says so
             log.warning("learning curve %s of MLflow run %s not read: %s", metric, run_id, err)
             continue
-        rows += [{"step": m.step, "samples_seen": m.step * global_batch_size, "metric": metric, "value": m.value}
-                 for m in sorted(history, key=lambda m: m.step)]
+        # A step logged twice (a run resumed from its last checkpoint evaluates it again) is one point: the latest.
+        latest = {m.step: m.value for m in sorted(history, key=lambda m: (m.timestamp, m.step))}
+        rows += [{"step": step, "samples_seen": step * global_batch_size, "metric": metric, "value": value}
+                 for step, value in sorted(latest.items())]
     return rows
 
 
