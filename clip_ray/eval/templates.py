@@ -5,11 +5,18 @@ word, and one word is ambiguous ("crane"). The CLIP paper wraps each name in man
 templates ("a photo of a {}.") and averages their embeddings; the 80 ImageNet
 templates below are the ensemble from its released prompt-engineering notebook.
 Every template holds exactly one "{}" and is filled with `str.format`.
+
+Class names of CIFAR-10, CIFAR-100 and ImageNet-1k ship as package data (class_names/*.txt, one name
+per line in label order, written as readable English for prompts). A suite names either kind of list
+by set name, by file, or literally; `resolve_class_names` and `resolve_templates` accept all three.
 """
 
 from __future__ import annotations
 
+import os
+from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 # The CLIP paper's 80 ImageNet templates, in the notebook's order.
 IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -135,16 +142,30 @@ DEMO_TEMPLATES: tuple[str, ...] = (
     "a drawing of a {}.",
 )
 
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)
-
+# A benchmark's name also names its templates, so a suite can say the same word for both lists.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": IMAGENET_TEMPLATES,
+    "imagenet": IMAGENET_TEMPLATES,
     "cifar": CIFAR_TEMPLATES,
+    "cifar10": CIFAR_TEMPLATES,
+    "cifar100": CIFAR_TEMPLATES,
     "simple": SIMPLE_TEMPLATES,
     "demo": DEMO_TEMPLATES,
 }
+
+
+def _packaged_class_names(name: str) -> tuple[str, ...]:
+    """One shipped list, class_names/<name>.txt: every line a name, in label order."""
+    text = resources.files(__package__).joinpath("class_names").joinpath(f"{name}.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines())
+
+
+# Label order: CIFAR's label indices (CIFAR-100's fine labels), ImageNet-1k's class indices
+# (sorted WordNet ids, n01440764 tench first, n15075141 toilet tissue last).
+CLASS_NAME_SETS: dict[str, tuple[str, ...]] = {
+    name: _packaged_class_names(name) for name in ("cifar10", "cifar100", "imagenet")
+}
+CIFAR10_CLASSES: tuple[str, ...] = CLASS_NAME_SETS["cifar10"]
 
 
 def check_template(template: str, where: str = "template") -> str:
@@ -191,10 +212,55 @@ def load_class_names(source: str | Path) -> list[str]:
         return names
     if not path.is_file():
         raise FileNotFoundError(f"class names {str(source)!r}: no such file or directory")
-    names = [line for _, line in _read_lines(path)]
+    return _checked_class_names([line for _, line in _read_lines(path)], str(path))
+
+
+def _checked_class_names(names: list[str], where: str) -> list[str]:
+    """Refuses an empty list, a blank or non-string name, and a name given twice."""
     if not names:
-        raise ValueError(f"{path}: holds no class names")
+        raise ValueError(f"{where}: holds no class names")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: class name {i} is {name!r}; every name must be a non-empty string")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"{path}: class names repeat: {', '.join(duplicates)}")
+        raise ValueError(f"{where}: class names repeat: {', '.join(duplicates)}")
     return names
+
+
+def _checked_templates(templates: list[str], where: str) -> list[str]:
+    if not templates:
+        raise ValueError(f"{where}: holds no templates")
+    for i, template in enumerate(templates):
+        if not isinstance(template, str):
+            raise ValueError(f"{where}: item {i} is {template!r}, not a string")
+        check_template(template, f"{where} item {i}")
+    return templates
+
+
+def _resolve(spec: object, what: str, named: dict[str, tuple[str, ...]], from_path: Callable[[Path], list[str]],
+             path_kinds: str, from_list: Callable[[list[str], str], list[str]]) -> list[str]:
+    """A named set, a path `from_path` reads (when it exists), or a literal list `from_list` checks."""
+    if isinstance(spec, (list, tuple)):
+        return from_list(list(spec), f"{what} list")
+    if isinstance(spec, str) and spec in named:
+        return list(named[spec])
+    if isinstance(spec, (str, os.PathLike)) and Path(spec).exists():
+        try:
+            return from_path(Path(spec))
+        except FileNotFoundError as err:  # a directory where a file belongs
+            raise ValueError(f"{what} {str(spec)!r}: {err}") from None
+    raise ValueError(f"{what} {spec!r}: neither a named set ({', '.join(named)}), {path_kinds}, nor a list")
+
+
+def resolve_class_names(spec: str | list[str]) -> list[str]:
+    """Class names from a set name (see CLASS_NAME_SETS), a text file or ImageFolder directory, or a literal list."""
+    def from_list(names: list[str], where: str) -> list[str]:
+        return _checked_class_names([n.strip() if isinstance(n, str) else n for n in names], where)
+    return _resolve(spec, "class_names", CLASS_NAME_SETS, load_class_names,
+                    "an existing file or ImageFolder directory", from_list)
+
+
+def resolve_templates(spec: str | list[str]) -> list[str]:
+    """Templates from a set name (see TEMPLATE_SETS), a file (one per line), or a literal list."""
+    return _resolve(spec, "templates", TEMPLATE_SETS, load_templates, "an existing file", _checked_templates)
