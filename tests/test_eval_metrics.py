@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_ray.eval.retrieval import retrieval_recall
-from clip_ray.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
+from clip_ray.eval.zeroshot import classification_metrics, zeroshot_accuracy, zeroshot_classifier
 
 
 def _unit(rows):
@@ -60,3 +60,26 @@ def test_zeroshot_classifier_ensembles_prompts_and_scores_topk():
     acc = zeroshot_accuracy(images, classifier, labels, topk=(1, 2))
     assert acc["top1"] == pytest.approx(2 / 3)
     assert acc["top2"] == 1.0
+
+
+def test_mean_per_class_recall_weighs_every_class_alike():
+    # Six rows of class 0 (five right), two of class 1 (none right), one of class 2 (right); class 3 never occurs.
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 0, 0, 2, 0, 2, 2])
+    logits = F.one_hot(predicted, 4).float()
+    logits[:, 1] += 0.5  # class 1 is every row's second guess
+    m = classification_metrics(logits, labels, topk=(1, 2))
+    assert m["top1"] == pytest.approx(6 / 9)
+    assert m["mean_per_class_recall"] == pytest.approx((5 / 6 + 0 / 2 + 1 / 1) / 3)  # 0.611 against top-1's 0.667
+    assert m["top2"] == pytest.approx(8 / 9)  # only row 5 (class 0, guessed 2 then 1) misses
+    with pytest.raises(ValueError, match="labels run from 0 to 4"):
+        classification_metrics(logits[:2], torch.tensor([0, 4]))
+
+
+def test_zeroshot_accuracy_reports_mean_per_class_recall():
+    classifier = _unit([[1, 0], [0, 1]]).T
+    images = _unit([[1, 0.1], [1, 0.2], [1, 0.3], [0.1, 1], [1, 0.9]])
+    m = zeroshot_accuracy(images, classifier, torch.tensor([0, 0, 0, 1, 1]))
+    assert set(m) == {"top1", "top5", "mean_per_class_recall"}
+    assert m["top1"] == pytest.approx(4 / 5) and m["top5"] == 1.0
+    assert m["mean_per_class_recall"] == pytest.approx((3 / 3 + 1 / 2) / 2)

@@ -30,11 +30,35 @@ def zeroshot_classifier(encode_text: Callable[[Tensor], Tensor], tokenize: Calla
 
 
 @torch.no_grad()
+def classification_metrics(logits: Tensor, labels: Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy and mean per-class recall of [N, C] class scores against labels in 0..C-1.
+
+    Top-k caps k at C (top-5 of three classes is 1.0). Mean per-class recall averages, over the classes
+    present in `labels`, the share of each class's rows whose top-1 prediction is right: the metric the
+    CLIP paper reports for imbalanced sets, where top-1 would reward the big classes.
+    """
+    if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
+        raise ValueError(f"logits {tuple(logits.shape)} must be [N, C] with one label per row; "
+                         f"labels {tuple(labels.shape)}")
+    if not len(labels):
+        raise ValueError("classification metrics need at least one labelled row")
+    num_classes = logits.shape[1]
+    labels = labels.to(logits.device).long()
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels run from {labels.min().item()} to {labels.max().item()}; "
+                         f"the {num_classes} scored classes need labels in 0..{num_classes - 1}")
+    ranked = logits.topk(min(max(topk), num_classes), dim=1).indices
+    hits = ranked == labels.unsqueeze(1)
+    metrics = {f"top{k}": hits[:, :min(k, num_classes)].any(dim=1).float().mean().item() for k in topk}
+    per_class_count = torch.bincount(labels, minlength=num_classes).float()
+    per_class_right = torch.bincount(labels[hits[:, 0]], minlength=num_classes).float()
+    present = per_class_count > 0
+    metrics["mean_per_class_recall"] = (per_class_right[present] / per_class_count[present]).mean().item()
+    return metrics
+
+
+@torch.no_grad()
 def zeroshot_accuracy(image_features: Tensor, classifier: Tensor, labels: Tensor,
                       topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy of normalised image features against a [D, C] classifier."""
-    logits = image_features.float() @ classifier
-    num_classes = classifier.shape[1]
-    ranked = logits.topk(min(max(topk), num_classes), dim=1).indices
-    hits = ranked == labels.to(ranked.device).unsqueeze(1)
-    return {f"top{k}": hits[:, :min(k, num_classes)].any(dim=1).float().mean().item() for k in topk}
+    """Top-k accuracy and mean per-class recall of normalised image features against a [D, C] classifier."""
+    return classification_metrics(image_features.float() @ classifier, labels, topk)
