@@ -10,7 +10,8 @@ command's words put in front.
 
     common.py    arguments several commands share (Ray, an input source, a config file)
     data.py      clip-ray data convert | curate
-    training.py  clip-ray train | eval | sweep
+    training.py  clip-ray train | sweep
+    evaluate.py  clip-ray eval (a config's evaluation data, or a benchmark suite)
     embed.py     clip-ray embed | search
 """
 
@@ -23,7 +24,8 @@ from typing import Sequence
 
 from clip_ray.cli.data import add_data_commands
 from clip_ray.cli.embed import add_embed_commands, add_search_commands
-from clip_ray.cli.training import add_eval_commands, add_sweep_commands, add_train_commands
+from clip_ray.cli.evaluate import add_eval_commands
+from clip_ray.cli.training import add_sweep_commands, add_train_commands
 from clip_ray.config import ConfigError
 
 

@@ -1,9 +1,8 @@
-"""`clip-ray train|eval|sweep`: a training run, evaluating a saved model, a scaling sweep."""
+"""`clip-ray train|sweep`: a training run, a scaling sweep (`eval` is in clip_ray.cli.evaluate)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -20,19 +19,6 @@ def add_train_commands(groups: argparse._SubParsersAction) -> None:
                        help="where a config with a demo section puts its generated data (default: %(default)s)")
     add_ray_arguments(train)
     train.set_defaults(run=run_train)
-
-
-def add_eval_commands(groups: argparse._SubParsersAction) -> None:
-    evaluate = groups.add_parser("eval", help="evaluate a checkpoint or an MLflow model",
-                                 description="Zero-shot accuracy on data.zeroshot_dir and retrieval recall "
-                                             "(and loss) on data.val of the config.")
-    evaluate.add_argument("model", help="a checkpoint directory, a run directory (its latest checkpoint), "
-                                        "or an MLflow model URI (runs:/ID/model, models:/NAME/VERSION, models:/ID)")
-    add_config_arguments(evaluate, "configs/demo-cpu.yaml with its demo data")
-    evaluate.add_argument("--demo-data-dir", default="demo-data", help="demo data of a config with a demo section")
-    evaluate.add_argument("--json", dest="json_path", default=None, help="also write the metrics to this file")
-    add_ray_arguments(evaluate)
-    evaluate.set_defaults(run=run_eval)
 
 
 def prepare_job_of(args: argparse.Namespace):
@@ -80,26 +66,6 @@ def run_train(args: argparse.Namespace) -> int:
             return 1
     print_train_summary(outcome, job.demo)
     print(f"Wall time: {time.perf_counter() - started:.0f} s")
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from clip_ray.driver.evaluate_model import evaluate_model
-    from clip_ray.eval.report import metrics_table
-    from clip_ray.ray_session import ray_session
-
-    job = prepare_job_of(args)
-    with ray_session(args.ray_address, args.num_cpus):
-        try:
-            metrics = evaluate_model(job.config, args.model)
-        except FileNotFoundError as err:
-            print(f"clip-ray eval: {err}", file=sys.stderr)
-            return 2
-    print(metrics_table({"model": metrics}))
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
     return 0
 
 

@@ -5,7 +5,8 @@ Three task types, the CLIP paper's protocol:
 - `zeroshot`: labelled images, class names and prompt templates; top-1, top-5, mean per-class recall;
 - `linear_probe`: logistic regression on frozen image features of a train and a test split (or one
   ImageFolder split in a fixed, stratified, seeded way), full and k-shot;
-- `retrieval`: images with several captions each (a captions CSV or COCO JSON); R@k both ways.
+- `retrieval`: images with one or several captions each (a captions CSV, COCO JSON, or pairs in
+  WebDataset / Parquet); R@k both ways, an image found when any of its captions is.
 
 Labelled images are an ImageFolder (the class is the folder) or an image-text source whose
 caption (or a key of its JSON metadata) is the label: a class name, or an index into the
@@ -36,9 +37,11 @@ class SuiteDefaults:
 
     # Rows per encoder call (and per preprocessed block).
     batch_size: int = 256
-    # Encoder actors (each loads the model once); a GPU share each where there are GPUs.
-    concurrency: int = 1
-    num_gpus_per_actor: float = 0.0
+    # Encoder actors (each loads the model once). null: as many as the cluster's GPUs hold (one per
+    # num_gpus_per_actor), else one per num_cpus_per_actor + decode_cpus of its CPUs.
+    concurrency: int | None = None
+    # A GPU share per actor (0.25 puts four on a GPU). null: one GPU each when the cluster has GPUs, else none.
+    num_gpus_per_actor: float | None = None
     num_cpus_per_actor: float = 1.0
     # CPUs of one read + decode task.
     decode_cpus: float = 1.0
@@ -56,11 +59,14 @@ class SuiteDefaults:
     dtype: str = field(default="float32", init=False)
 
     def validate(self, key: str = "defaults") -> None:
-        for name in ("batch_size", "concurrency", "samples_per_partition", "max_pixels"):
+        for name in ("batch_size", "samples_per_partition", "max_pixels"):
             check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
-        check(self.num_gpus_per_actor >= 0, f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, "must be >= 0")
-        check(self.num_gpus_per_actor <= 1 or float(self.num_gpus_per_actor).is_integer(),
-              f"{key}.num_gpus_per_actor", self.num_gpus_per_actor, "above 1 must be a whole number of GPUs")
+        check(self.concurrency is None or self.concurrency > 0, f"{key}.concurrency", self.concurrency,
+              "must be positive (or null: from the cluster's resources)")
+        gpus = self.num_gpus_per_actor
+        check(gpus is None or gpus >= 0, f"{key}.num_gpus_per_actor", gpus, "must be >= 0")
+        check(gpus is None or gpus <= 1 or float(gpus).is_integer(), f"{key}.num_gpus_per_actor", gpus,
+              "above 1 must be a whole number of GPUs")
         for name in ("num_cpus_per_actor", "decode_cpus"):
             check(getattr(self, name) > 0, f"{key}.{name}", getattr(self, name), "must be positive")
         check(self.precision in EMBED_PRECISIONS, f"{key}.precision", self.precision,
@@ -166,18 +172,19 @@ class RetrievalTask:
 
     name: str = ""
     type: Literal["retrieval"] = "retrieval"
-    # A folder of images with a captions CSV or a COCO JSON (format csv or coco); split_file keeps the images it lists.
+    # A folder of images with a captions CSV or COCO JSON (format csv or coco; split_file keeps the images it
+    # lists), or WebDataset / Parquet pairs (a pair's image is its metadata's "image", else its own).
     source: SourceConfig = field(default_factory=lambda: SourceConfig(format="csv"))
-    # At most this many images (the first of the split), with all their captions.
+    # csv / coco: at most this many images (the first of the split), with all their captions.
     max_images: int | None = None
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
 
     def validate(self, key: str) -> None:
         self.source.validate(f"{key}.source")
-        check(self.source.format in ("csv", "coco"), f"{key}.source.format", self.source.format,
-              "retrieval reads a folder of images with a captions CSV or COCO JSON: 'csv' or 'coco'")
         check(self.max_images is None or self.max_images > 0, f"{key}.max_images", self.max_images,
               "must be positive")
+        check(self.max_images is None or self.source.format in ("csv", "coco"), f"{key}.max_images",
+              self.max_images, "applies to csv / coco sources (their images are listed before reading)")
         check(bool(self.recall_at) and all(k > 0 for k in self.recall_at), f"{key}.recall_at", self.recall_at,
               "must be positive")
 

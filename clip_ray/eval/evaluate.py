@@ -27,7 +27,7 @@ from clip_ray.data.stream.batches import eval_batches
 from clip_ray.data.stream.pipeline import build_eval_dataset
 from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.eval.gather import broadcast_from_rank0, gather_objects, gather_rows, shard
-from clip_ray.eval.retrieval import retrieval_recall
+from clip_ray.eval.retrieval import group_by_image, retrieval_recall
 from clip_ray.eval.templates import load_class_names, load_templates
 from clip_ray.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_ray.eval.zeroshot_images import ListedImage, image_batches, select_images
@@ -153,19 +153,13 @@ class Evaluator:
         bias = getattr(model, "logit_bias", None)
         losses = [float(self.loss_fn(images[i:i + size], texts[i:i + size], scale, bias))
                   for i in range(0, len(image_ids) - size + 1, size)]
-        image_rows: dict[str, int] = {}
-        first_rows, text_owner = [], []
-        for row, image_id in enumerate(image_ids):
-            if image_id not in image_rows:
-                image_rows[image_id] = len(image_rows)
-                first_rows.append(row)
-            text_owner.append(image_rows[image_id])
+        first_rows, text_owner = group_by_image(image_ids)
         metrics = retrieval_recall(images[first_rows], texts, torch.tensor(text_owner),
                                    ks=self.config.eval.recall_at)
         metrics = {f"val/{name}": value for name, value in metrics.items()}
         if losses:
             metrics["val/loss"] = sum(losses) / len(losses)
-        metrics["val/num_images"] = len(image_rows)
+        metrics["val/num_images"] = len(first_rows)
         metrics["val/num_captions"] = len(text_owner)
         return metrics
 

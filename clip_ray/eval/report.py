@@ -49,3 +49,37 @@ def metrics_table(columns: dict[str, dict]) -> str:
         chance = next((c for c in (chance_level(m, key) for m in columns.values()) if c is not None), None)
         lines.append(f"{label:<{label_width}}{cells}" + (f"   (chance {chance:.3f})" if chance is not None else ""))
     return "\n".join(lines)
+
+
+# (task, metric, value, chance level or None): one row of an evaluation suite's results.
+SuiteRow = tuple[str, str, float, float | None]
+# Suite metrics that count things (images, captions, skipped ones) rather than measure: shown as integers.
+COUNT_PREFIXES = ("num_", "skipped_", "captions_dropped")
+
+
+def _suite_cell(metric: str, value) -> str:
+    if metric.rsplit("/", 1)[-1].startswith(COUNT_PREFIXES) and value is not None and not math.isnan(value):
+        return str(int(value))
+    return _cell(value)
+
+
+def suite_table(rows: list[SuiteRow], column: str = "value") -> str:
+    """A suite's results as aligned text, a row per task metric, the chance level beside accuracies."""
+    if not rows:
+        return "(no results)"
+    task_width = max(4, *(len(task) for task, *_ in rows))
+    metric_width = max(6, *(len(metric) for _, metric, *_ in rows))
+    width = max(8, len(column))
+    lines = [f"{'task':<{task_width}}  {'metric':<{metric_width}}  {column:>{width}}"]
+    for task, metric, value, chance in rows:
+        line = f"{task:<{task_width}}  {metric:<{metric_width}}  {_suite_cell(metric, value):>{width}}"
+        lines.append(line + (f"   (chance {chance:.3f})" if chance is not None else ""))
+    return "\n".join(lines)
+
+
+def suite_markdown(rows: list[SuiteRow], column: str = "value") -> str:
+    """The same rows as a Markdown table (README-ready)."""
+    lines = [f"| task | metric | {column} | chance |", "| --- | --- | ---: | ---: |"]
+    for task, metric, value, chance in rows:
+        lines.append(f"| {task} | {metric} | {_suite_cell(metric, value)} | {_cell(chance)} |")
+    return "\n".join(lines)

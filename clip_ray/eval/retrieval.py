@@ -7,6 +7,8 @@ as the Flickr/COCO literature scores it.
 
 from __future__ import annotations
 
+from typing import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -50,3 +52,17 @@ def retrieval_recall(image_features: Tensor, text_features: Tensor, text_image_i
         metrics[f"image_to_text_R@{k}"] = (image_rank < k).float().mean().item()
         metrics[f"text_to_image_R@{k}"] = (text_rank < k).float().mean().item()
     return metrics
+
+
+def group_by_image(image_ids: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """Pairs grouped by their image: (the first row of each distinct image, in order of first appearance;
+    each row's image number, an index into those first rows). Feed retrieval_recall the image features of
+    the first rows and every row's text features, with the image numbers as text_image_index."""
+    numbers: dict[Hashable, int] = {}
+    first_rows, owners = [], []
+    for row, image_id in enumerate(image_ids):
+        if image_id not in numbers:
+            numbers[image_id] = len(numbers)
+            first_rows.append(row)
+        owners.append(numbers[image_id])
+    return first_rows, owners

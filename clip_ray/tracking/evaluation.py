@@ -1,0 +1,48 @@
+"""One MLflow run per evaluation of a model: its metrics, the suite as params, tags naming the model.
+
+Every evaluation of a suite lands in one experiment ("clip-ray-eval" unless told otherwise),
+each metric as `<task>/<metric>` at step 0 (R@k as R_at_k: MLflow refuses '@', as in training),
+so the runs of two checkpoints line up column by column in the MLflow UI's run comparison.
+Unlike a training run's tracker there is nothing to buffer: the run is written in one go at the
+end, and a store that does not answer is an error the caller reports (the results files are
+written before).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
+
+from clip_ray.config import TrackingConfig
+from clip_ray.tracking.run import log_new_params, resume_or_create_run
+from clip_ray.tracking.tracker import mlflow_metric_name
+
+# MLflow takes at most this many metrics (and tags) in one log_batch call.
+_BATCH = 1000
+
+
+def log_evaluation(uri: str, experiment: str, run_name: str, *, metrics: dict[str, float], params: dict[str, str],
+                   tags: dict[str, str], artifacts: str | Path | None = None) -> str:
+    """Creates a finished run in `experiment` of the store at `uri` holding all of it; returns its id.
+    `artifacts`: a folder whose files are logged as the run's artifacts."""
+    client = MlflowClient(uri)
+    run = resume_or_create_run(client, TrackingConfig(experiment=experiment), uri, None, run_name)
+    run_id = run.info.run_id
+    try:
+        timestamp = int(time.time() * 1000)
+        values = [Metric(mlflow_metric_name(name), float(value), timestamp, 0)
+                  for name, value in sorted(metrics.items())]
+        labels = [RunTag(name, str(value)) for name, value in sorted(tags.items()) if value is not None]
+        for start in range(0, max(len(values), len(labels)), _BATCH):
+            client.log_batch(run_id, metrics=values[start:start + _BATCH], tags=labels[start:start + _BATCH])
+        log_new_params(client, run, params)
+        if artifacts is not None:
+            client.log_artifacts(run_id, str(artifacts))
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id)
+    return run_id
