@@ -1,11 +1,16 @@
 """CLIP scores of image-text pairs, streamed: the scorer of curation's score filter (data/offline/score_filter.py).
 
-    candidates (partition, position)
-      -> groupby(partition).map_groups(read_for_scoring)   CPU tasks, any node: read the partition once,
-                                                          decode + centre-crop + tokenize only the wanted pairs
-      -> map_batches(ClipScorer)                          an actor pool, each actor loading the model once:
-                                                          both towers, cosine of the two unit vectors
+    candidates (partition, position), a block per partition as curation's scan wrote them
+      -> map_batches(read_for_scoring)   CPU tasks, any node: read each partition of the block once,
+                                         decode + centre-crop + tokenize only the wanted pairs
+      -> map_batches(ClipScorer)         an actor pool, each actor loading the model once:
+                                         both towers, cosine of the two unit vectors
       -> (partition, position, score, drop) rows
+
+A block holding several partitions, or part of one, is still read right (each of its
+partitions once, for the positions it holds); the scan's blocks are one partition each,
+so each partition is read once. Where the decode tasks and the actors ask for the same
+resources, Ray Data may fuse the two stages into the actors; with a GPU share they stay apart.
 
 The pixels exist only in Ray Data's streaming blocks between the two stages; what
 leaves the actors is a float and two ints per pair, and nothing comes to the driver.
@@ -57,17 +62,23 @@ def _block(index: int, positions: list[int], pixels: list[np.ndarray], captions:
             "drop": np.array(drops, dtype=object)}
 
 
-def read_for_scoring(group: dict[str, np.ndarray], *, partitions: dict[int, Partition], source: SourceConfig,
+def read_for_scoring(places: dict[str, np.ndarray], *, partitions: dict[int, Partition], source: SourceConfig,
                      preprocessor: Preprocessor, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """One partition's wanted positions in; its pairs at those positions, decoded, out in blocks of `batch_size`.
+    """(partition, position) rows in; the pairs at those places, decoded, out in blocks of `batch_size`."""
+    wanted: dict[int, set[int]] = {}
+    for index, position in zip(places["partition"].tolist(), places["position"].tolist()):
+        wanted.setdefault(index, set()).add(position)
+    for index, positions in wanted.items():
+        yield from _read_partition_for_scoring(index, positions, partitions[index], source, preprocessor, batch_size)
 
-    Positions count the samples the reader yields, as curation's scan counted them; the reader's
-    own skips were counted by the scan. The read stops at the last wanted position."""
-    index = int(group["partition"][0])
-    wanted = set(group["position"].tolist())
+
+def _read_partition_for_scoring(index: int, wanted: set[int], partition: Partition, source: SourceConfig,
+                                preprocessor: Preprocessor, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Positions count the samples the reader yields, as curation's scan counted them; the reader's own skips
+    were counted by the scan. The read stops at the last wanted position."""
     blank = np.zeros((preprocessor.image_size, preprocessor.image_size, 3), dtype=np.uint8)
     positions, pixels, captions, drops = [], [], [], []
-    for position, sample in enumerate(read_partition(partitions[index], source, FailureCounts())):
+    for position, sample in enumerate(read_partition(partition, source, FailureCounts())):
         if position not in wanted:
             continue
         wanted.discard(position)
@@ -100,8 +111,8 @@ class ClipPairScorer:
     def __call__(self, candidates: ray.data.Dataset, partitions: list[Partition],
                  source: SourceConfig) -> ray.data.Dataset:
         config = self.config
-        decoded = candidates.groupby("partition", num_partitions=max(1, len(partitions))).map_groups(
-            read_for_scoring, batch_format="numpy", num_cpus=config.decode_cpus,
+        decoded = candidates.map_batches(
+            read_for_scoring, batch_size=None, batch_format="numpy", num_cpus=config.decode_cpus,
             fn_kwargs={"partitions": {p.index: p for p in partitions}, "source": source,
                        "preprocessor": self.preprocessor, "batch_size": config.batch_size})
         resources = {"num_cpus": config.cpus_per_actor}

@@ -289,7 +289,8 @@ def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
     matched = [0] * num_queries
     dropped: dict[str, int] = {}
     score_report = scored_report(score_filter, 0) if score_filter is not None else None
-    if candidates.count() == 0:
+    still_in = candidates.count()
+    if not still_in:
         return candidates, matched, dropped, score_report
     if num_queries:
         matches = candidates.map_batches(_one_row_per_match, batch_format="pyarrow")
@@ -299,14 +300,18 @@ def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
             matched[row["query"]] = row["pairs"]
     if score_filter is not None:
         judged, score_report = filter_by_score(candidates, score_filter, partitions, source, shuffle_partitions)
-        dropped.update((fate, n) for fate, n in count_fates(judged).items() if fate != KEPT)
-        candidates = judged.map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow").materialize()
+        fates = count_fates(judged)
+        dropped.update((fate, n) for fate, n in fates.items() if fate != KEPT)
+        candidates = judged.map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")
+        still_in = fates.get(KEPT, 0)
+    if not still_in:
+        return candidates, matched, dropped, score_report
     survivors = candidates
     if options.dedup_images:
         survivors = (candidates.groupby("image_hash", num_partitions=shuffle_partitions)
                      .map_groups(_mark_duplicates, batch_format="pyarrow")
                      .map_batches(_with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")).materialize()
-        dropped[DUPLICATE_IMAGE] = candidates.count() - survivors.count()
+        dropped[DUPLICATE_IMAGE] = still_in - survivors.count()
     if not num_queries:
         return survivors, matched, dropped, score_report
     decided = (survivors.map_batches(_assign_rarest, fn_kwargs={"matched": matched}, batch_format="pyarrow")

@@ -114,11 +114,23 @@ def _scored_only(batch: pa.Table) -> pa.Table:
 
 def top_fraction_size(fraction: float, scored: int) -> int:
     """How many pairs a top-`fraction` cut keeps: ceil(fraction x scored), the product rounded to 9 decimals first."""
-    return math.ceil(round(fraction * scored, 9))
+    return max(1, math.ceil(round(fraction * scored, 9))) if scored else 0
 
 
-def _row_at(ranked: ray.data.Dataset, index: int) -> dict:
-    return ranked.split_at_indices([index, index + 1])[1].take(1)[0]
+def rows_at(ranked: ray.data.MaterializedDataset, indices: list[int]) -> dict[int, dict]:
+    """{index: row} of a materialised dataset's rows at those indices (in its order): found from the blocks'
+    row counts, and only the blocks that hold them are fetched."""
+    found: dict[int, dict] = {}
+    start = 0
+    for bundle in ranked.iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            end = start + entry.metadata.num_rows
+            inside = [index for index in indices if start <= index < end]
+            if inside:
+                block: pa.Table = ray.get(entry.ref)
+                found.update((index, block.slice(index - start, 1).to_pylist()[0]) for index in inside)
+            start = end
+    return found
 
 
 def scored_report(score_filter: ScoreFilter, scored: int) -> dict:
@@ -133,14 +145,16 @@ def rank_scores(judged: ray.data.Dataset, score_filter: ScoreFilter) -> tuple[tu
     ranked = ranked.materialize()
     scored = ranked.count()
     report = scored_report(score_filter, scored)
-    if scored:
-        # Quantile q is the score at ascending rank round(q (n - 1)); the ranking is descending.
-        report["quantiles"] = {name: -_row_at(ranked, scored - 1 - round(q * (scored - 1)))["order"]
-                               for name, q in QUANTILES.items()}
+    if not scored:
+        return None, report
+    # Quantile q is the score at ascending rank round(q (n - 1)); the ranking is descending.
+    places = {name: scored - 1 - round(q * (scored - 1)) for name, q in QUANTILES.items()}
+    keep = top_fraction_size(score_filter.top_fraction, scored) if score_filter.top_fraction is not None else None
+    rows = rows_at(ranked, [*places.values(), *([keep - 1] if keep else [])])
+    report["quantiles"] = {name: -rows[index]["order"] for name, index in places.items()}
     cut = None
-    if score_filter.top_fraction is not None and scored:
-        keep = top_fraction_size(score_filter.top_fraction, scored)
-        last = _row_at(ranked, keep - 1)
+    if keep is not None:
+        last = rows[keep - 1]
         cut = (-last["order"], last["partition"], last["position"])
         report["top_fraction_kept"] = keep
         report["top_fraction_threshold"] = cut[0]
