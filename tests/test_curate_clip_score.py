@@ -20,7 +20,7 @@ from clip_ray.config import SourceConfig
 from clip_ray.config.clip_score import ClipScoreConfig
 from clip_ray.data.formats import Sample, list_shards, load_caption_csv, load_split, read_shard
 from clip_ray.data.offline.curate import CurateOptions, QueryMatcher, cap_rank
-from clip_ray.data.offline.score_filter import top_fraction_size
+from clip_ray.data.offline.score_filter import ScoreFilter, judge_scores, rank_scores, top_fraction_size
 from clip_ray.data.stream.preprocess import Preprocessor, normalize
 from clip_ray.driver.curate import curate_job
 from clip_ray.inference.models import resolve_model
@@ -191,6 +191,26 @@ def test_the_cap_chooses_among_pairs_that_passed_the_score(with_queries_and_cap)
                                  "corrupt_image": 1}
     assert report["queries"] == {"dog": {"matched": dogs, "kept": 2}}
     assert report["pairs_seen"] == 42 == report["kept"] + sum(report["dropped"].values())
+
+
+def test_top_fraction_ties_go_to_the_earlier_pair_and_nan_never_passes(ray_cluster):
+    import pyarrow as pa
+    import ray
+
+    places = [(1, 4), (0, 9), (1, 2), (0, 3), (2, 0), (0, 1), (0, 5)]
+    scores = [0.5, 0.5, 0.5, 0.2, 0.9, None, float("nan")]
+    drops = ["", "", "", "", "", "corrupt_image", ""]
+    table = pa.table({"partition": pa.array([p for p, _ in places], pa.int32()),
+                      "position": pa.array([q for _, q in places], pa.int32()),
+                      "drop": drops, "score": pa.array(scores, pa.float32())})
+    # 5 scored (a NaN is no score), ceil(0.5 x 5) = 3 kept: 0.9, then the two earliest of the three 0.5s.
+    cut, report = rank_scores(ray.data.from_arrow(table), ScoreFilter(scorer=None, top_fraction=0.5))
+    assert cut == (0.5, 1, 2) and report["scored"] == 5 and report["top_fraction_kept"] == 3
+    assert report["quantiles"]["min"] == pytest.approx(0.2) and report["quantiles"]["max"] == pytest.approx(0.9)
+    fates = judge_scores(table, None, cut)["drop"].to_pylist()
+    assert fates == ["low_clip_score", "", "", "low_clip_score", "", "corrupt_image", "low_clip_score"]
+    assert judge_scores(table, 0.5, None)["drop"].to_pylist() == ["", "", "", "low_clip_score", "",
+                                                                  "corrupt_image", "low_clip_score"]
 
 
 @pytest.mark.parametrize("flags, culprit", [

@@ -15,7 +15,8 @@ time) is dropped as unreadable_shard. Then every scored pair gets its fate:
 - `top_fraction` f: the scored pairs are sorted by score, highest first, ties to
   the earlier pair (partition, then position), and the first ceil(f x scored) stay
   (f x scored is rounded to 9 decimals first, so 0.3 of 10 is 3); the rest are
-  low_clip_score too. With both, a pair must pass both.
+  low_clip_score too. With both, a pair must pass both. A NaN score (a model
+  overflowing in half precision) passes neither and is not counted as scored.
 
 The sort runs over the scored rows only (a score and two ints each); order
 statistics come from the sorted, materialised rows by index, so the quantiles
@@ -107,7 +108,8 @@ def attach_scores(candidates: ray.data.Dataset, scores: ray.data.Dataset, num_pa
 
 
 def _scored_only(batch: pa.Table) -> pa.Table:
-    scored = batch.filter(pc.equal(batch["drop"], ""))
+    """The pairs with a score to rank, as sort keys: a NaN (a model overflowing in fp16) is no score."""
+    scored = batch.filter(pc.and_(pc.equal(batch["drop"], ""), pc.invert(pc.is_nan(batch["score"]))))
     return pa.table({"order": pc.negate(scored["score"]), "partition": scored["partition"],
                      "position": scored["position"]})
 
@@ -161,7 +163,7 @@ def rank_scores(judged: ray.data.Dataset, score_filter: ScoreFilter) -> tuple[tu
     return cut, report
 
 
-def _judge_scores(batch: pa.Table, min_score: float | None, cut: tuple | None) -> pa.Table:
+def judge_scores(batch: pa.Table, min_score: float | None, cut: tuple | None) -> pa.Table:
     """Scored pairs that fail the threshold or fall below the cut become low_clip_score (NaN fails both)."""
     drop = batch["drop"].to_numpy(zero_copy_only=False)
     score = batch["score"].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls (unscored) are NaN
@@ -183,6 +185,6 @@ def filter_by_score(candidates: ray.data.Dataset, score_filter: ScoreFilter, par
     places = candidates.select_columns(["partition", "position"])
     judged = attach_scores(candidates, score_filter.scorer(places, partitions, source), num_partitions).materialize()
     cut, report = rank_scores(judged, score_filter)
-    filtered = judged.map_batches(_judge_scores, fn_kwargs={"min_score": score_filter.min_score, "cut": cut},
+    filtered = judged.map_batches(judge_scores, fn_kwargs={"min_score": score_filter.min_score, "cut": cut},
                                   batch_format="pyarrow")
     return filtered.materialize(), report
