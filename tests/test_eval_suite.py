@@ -29,7 +29,7 @@ from clip_ray.data.stream.preprocess import Preprocessor, normalize
 from clip_ray.driver.suite import evaluate_suite, prepare_suite
 from clip_ray.driver.suite.tasks import stratified_split
 from clip_ray.eval.linear_probe import linear_probe
-from clip_ray.eval.retrieval import retrieval_recall
+from clip_ray.eval.retrieval import group_by_image, retrieval_recall
 from clip_ray.eval.templates import CLASS_NAME_SETS, resolve_templates
 from clip_ray.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_ray.inference.models import resolve_model
@@ -198,10 +198,18 @@ def test_results_files_hold_the_same_numbers(outcome):
 
 @pytest.fixture(scope="module")
 def cli_run(outcome, workspace):
-    """The second checkpoint on a one-task suite, through `clip-ray eval --suite`, into the same experiment."""
+    """The second checkpoint on a one-task suite, through `clip-ray eval --suite`, into the same experiment:
+    zero-shot on a labelled source this time, a captions CSV whose caption is each photo's class name."""
+    subset = workspace["subset"]
+    with open(subset / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for folder in sorted(p for p in subset.iterdir() if p.is_dir()):
+            writer.writerows([f"{folder.name}/{image.name}", folder.name] for image in sorted(folder.iterdir())[:4])
+    source = {"path": str(subset), "format": "csv", "captions_file": "labels.csv", "images_dir": "."}
     tiny = {"name": "tiny", "defaults": {"batch_size": 16},
-            "tasks": [{"name": "cifar-zeroshot", "type": "zeroshot", "templates": TEMPLATES,
-                       "images": {"image_folder": str(workspace["subset"]), "max_per_class": 2}}]}
+            "tasks": [{"name": "cifar-zeroshot", "type": "zeroshot", "templates": TEMPLATES, "class_names": "cifar10",
+                       "images": {"source": source, "label": "caption", "max_per_class": 2}}]}
     path = workspace["root"] / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny))
     out = workspace["root"] / "cli-results"
@@ -231,6 +239,7 @@ def test_each_evaluation_is_one_mlflow_run_naming_its_model(outcome, cli_run, wo
     assert other["clip_ray.model.sha256"] != tags["clip_ray.model.sha256"]
     assert other["clip_ray.model.training_run_id"] == "trainingrun0001"
     assert second.data.metrics["cifar-zeroshot/num_images"] == 30  # --set reached the task by its name
+    assert second.data.metrics["cifar-zeroshot/skipped_images"] == 0
     assert set(second.data.metrics) == {f"cifar-zeroshot/{m}" for m in
                                         ("top1", "top5", "mean_per_class_recall", "num_images", "skipped_images")}
     assert first.info.status == second.info.status == "FINISHED"
@@ -278,3 +287,9 @@ def test_cli_exits_2_on_a_bad_suite_before_ray(workspace, capsys):
                                                                "source": {"path": "/nowhere", "format": "csv"}}]}))
     assert main(["eval", str(workspace["space"].run_dir), "--suite", str(path)]) == 2
     assert "tasks[0] (t).source.path='/nowhere': no such folder" in capsys.readouterr().err
+
+
+def test_pairs_are_grouped_by_image_in_order_of_first_appearance():
+    """What the training-time evaluation and a suite's shard retrieval both feed retrieval_recall with."""
+    first_rows, owners = group_by_image(["b.jpg", "a.jpg", "b.jpg", "c.jpg", "a.jpg"])
+    assert first_rows == [0, 1, 3] and owners == [0, 1, 0, 2, 1]

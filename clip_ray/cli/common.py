@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Sequence
+import sys
+from typing import Any, Callable, Sequence
 
 from clip_ray.config import SourceConfig
 
@@ -47,3 +48,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_help: str) -> 
 
 def print_summary(summary: dict, keys: Sequence[str]) -> None:
     print(json.dumps({key: summary[key] for key in keys}, indent=2))
+
+
+def run_on_model(command: str, args: argparse.Namespace, resolve: Callable[[], Any],
+                 job: Callable[[Any], Any]) -> tuple[int, Any, Any]:
+    """(exit status, model, result) of a command that uses a trained model: `resolve` pins it before Ray starts
+    (a wrong path or a missing tokenizer costs a second, not a cluster start), then `job(model)` runs in a Ray
+    session. A bad source is one line and status 2, data too broken to use one line and status 1."""
+    from clip_ray.data.formats import DataError
+    from clip_ray.inference.models import ModelSourceError
+    from clip_ray.ray_session import ray_session
+
+    try:
+        model = resolve()
+    except ModelSourceError as err:
+        print(f"clip-ray {command}: {err}", file=sys.stderr)
+        return 2, None, None
+    with ray_session(args.ray_address, args.num_cpus):
+        try:
+            return 0, model, job(model)
+        except DataError as err:
+            print(f"clip-ray {command}: {err}", file=sys.stderr)
+            return 1, model, None

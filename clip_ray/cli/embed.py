@@ -7,7 +7,9 @@ import dataclasses
 import json
 import sys
 
-from clip_ray.cli.common import SOURCE_FORMATS, add_ray_arguments, add_source_arguments, print_summary, source_from_args
+from clip_ray.cli.common import (
+    SOURCE_FORMATS, add_ray_arguments, add_source_arguments, print_summary, run_on_model, source_from_args,
+)
 from clip_ray.config import EmbedConfig
 from clip_ray.data.formats.samples import DEFAULT_MAX_PIXELS
 
@@ -75,24 +77,17 @@ def embed_config_from_args(args: argparse.Namespace) -> EmbedConfig:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from clip_ray.data.formats import DataError
     from clip_ray.driver.embed import embed
-    from clip_ray.inference.models import ModelSourceError, resolve_model
-    from clip_ray.ray_session import ray_session
+    from clip_ray.inference.models import resolve_model
 
     config = embed_config_from_args(args)
     config.validate()
-    try:  # before Ray starts: a wrong path or a missing tokenizer costs a second, not a cluster start
-        model = resolve_model(config.model, config.tokenizer, config.tracking_uri, config.state_dict_activation)
-    except ModelSourceError as err:
-        print(f"clip-ray embed: {err}", file=sys.stderr)
-        return 2
-    with ray_session(args.ray_address, args.num_cpus):
-        try:
-            summary = embed(config, model)
-        except DataError as err:
-            print(f"clip-ray embed: {err}", file=sys.stderr)
-            return 1
+    status, _, summary = run_on_model(
+        "embed", args, lambda: resolve_model(config.model, config.tokenizer, config.tracking_uri,
+                                             config.state_dict_activation),
+        lambda model: embed(config, model))
+    if status:
+        return status
     print_summary(summary, ["rows_written", "rows_embedded_now", "partitions", "partitions_written",
                             "partitions_reused", "failures", "duration_s", "rows_per_s", "output"])
     return 0

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from clip_ray.cli.common import add_ray_arguments
+from clip_ray.cli.common import add_ray_arguments, run_on_model
 
 MODEL_HELP = ("a checkpoint directory, a run directory (its latest checkpoint), a model.pt or OpenAI-layout state "
               "dict file (--suite), or an MLflow model (runs:/ID/model, models:/NAME/VERSION, models:/ID) or run")
@@ -79,26 +79,18 @@ def _write_json(path: str | None, metrics: dict) -> None:
 
 def run_suite(args: argparse.Namespace) -> int:
     from clip_ray.config.suite import load_suite
-    from clip_ray.data.formats import DataError
     from clip_ray.driver.suite import evaluate_suite, model_short_id, prepare_suite
     from clip_ray.eval.report import suite_table
-    from clip_ray.inference.models import ModelSourceError, resolve_model
-    from clip_ray.ray_session import ray_session
+    from clip_ray.inference.models import resolve_model
     from clip_ray.tracking.run import mlflow_ui_hint
 
     suite = prepare_suite(load_suite(args.suite, args.overrides))  # a ConfigError: one line, exit 2 (cli.main)
-    try:  # before Ray starts: a wrong path or a missing tokenizer costs a second, not a cluster start
-        model = resolve_model(args.model, args.tokenizer, args.tracking_uri, args.state_dict_activation)
-    except ModelSourceError as err:
-        print(f"clip-ray eval: {err}", file=sys.stderr)
-        return 2
-    with ray_session(args.ray_address, args.num_cpus):
-        try:
-            outcome = evaluate_suite(suite, model, output=args.output, tracking_uri=args.tracking_uri,
-                                     experiment=args.experiment, log_to_mlflow=not args.no_mlflow)
-        except DataError as err:
-            print(f"clip-ray eval: {err}", file=sys.stderr)
-            return 1
+    status, model, outcome = run_on_model(
+        "eval", args, lambda: resolve_model(args.model, args.tokenizer, args.tracking_uri, args.state_dict_activation),
+        lambda model: evaluate_suite(suite, model, output=args.output, tracking_uri=args.tracking_uri,
+                                     experiment=args.experiment, log_to_mlflow=not args.no_mlflow))
+    if status:
+        return status
     print(f"\nSuite {outcome.suite} on {model.location} ({outcome.seconds:.0f} s)")
     print(suite_table(outcome.rows, model_short_id(model)))
     print(f"Results: {outcome.output} ({', '.join(path.rsplit('/', 1)[-1] for path in outcome.files)})")

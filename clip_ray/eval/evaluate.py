@@ -28,7 +28,7 @@ from clip_ray.data.stream.pipeline import build_eval_dataset
 from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.eval.gather import broadcast_from_rank0, gather_objects, gather_rows, shard
 from clip_ray.eval.retrieval import group_by_image, retrieval_recall
-from clip_ray.eval.templates import load_class_names, load_templates
+from clip_ray.eval.templates import resolve_class_names, resolve_templates
 from clip_ray.eval.zeroshot import zeroshot_accuracy, zeroshot_classifier
 from clip_ray.eval.zeroshot_images import ListedImage, image_batches, select_images
 from clip_ray.loss import build_loss, rank_and_world
@@ -62,8 +62,9 @@ class Evaluator:
         zeroshot_dir = config.data.zeroshot_dir
         if zeroshot_dir:
             names_file = config.eval.zeroshot_class_names
-            self.class_names = load_class_names(names_file or zeroshot_dir)
-            self.templates = load_templates(config.eval.zeroshot_templates)
+            # Resolved as a suite's are: a named set, a file (or the folder's own names), a list.
+            self.class_names = resolve_class_names(names_file or zeroshot_dir)
+            self.templates = resolve_templates(config.eval.zeroshot_templates)
 
     # ------------------------------------------------------------------ helpers
 

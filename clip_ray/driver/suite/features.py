@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from clip_ray.config import ConfigError, SourceConfig
 from clip_ray.config.suite import LabelledImages
@@ -23,7 +24,7 @@ from clip_ray.inference.encoder import EMBEDDING_COLUMNS
 from clip_ray.inference.models import ResolvedModel
 from clip_ray.inference.partitions import EmbedPartition
 from clip_ray.inference.pipeline import EncoderSettings, encode_partitions, stacked
-from clip_ray.storage import resolve
+from clip_ray.storage import basename, resolve
 
 # A placeholder class of images listed without one (a retrieval set's photos).
 UNLABELLED = "image"
@@ -78,6 +79,20 @@ def list_folder(folder: str, key: str) -> tuple[list[str], list[tuple[str, int]]
     if not classes or not listed:
         raise ConfigError(f"{key}={folder!r}: an ImageFolder needs class subfolders holding images; found none")
     return classes, listed
+
+
+def list_classes(folder: str, key: str) -> list[str]:
+    """An ImageFolder's classes (its direct subfolders, sorted, as list_image_folder names them) without listing
+    the images: the check before Ray starts stays cheap on ImageNet's 1.28M training files."""
+    try:
+        fs, inner = resolve(folder)
+        infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}={folder!r}: cannot list this ImageFolder ({type(err).__name__}: {err})") from None
+    classes = sorted(basename(info.path) for info in infos if info.type == pafs.FileType.Directory)
+    if not classes:
+        raise ConfigError(f"{key}={folder!r}: an ImageFolder needs one subfolder per class; found none")
+    return classes
 
 
 def first_per_class(listed: list[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:

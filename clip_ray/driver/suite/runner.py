@@ -98,7 +98,7 @@ def prepare_suite(suite: SuiteConfig) -> SuiteConfig:
             name: getattr(task, name) for name in ("images", "train", "test") if getattr(task, name) is not None}
         for name, images in sets.items():
             _prepare_images(images, f"{key}.{name}")
-            check_task_class_names(images, task.class_names, key)
+            check_task_class_names(images, task.class_names, key, name)
         if task.type == "zeroshot":
             task.templates = _absolute_spec(task.templates)
             try:

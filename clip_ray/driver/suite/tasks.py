@@ -21,7 +21,7 @@ from clip_ray.data.formats import FailureCounts, FailureReason
 from clip_ray.data.offline.partitions import plan_partitions
 from clip_ray.driver.suite.features import (
     caption_table_partitions, encode, encode_labelled_source, first_per_class, image_partitions,
-    list_folder, listed_partitions,
+    list_classes, list_folder, listed_partitions,
 )
 from clip_ray.eval.linear_probe import DEFAULT_C_GRID, linear_probe
 from clip_ray.eval.retrieval import group_by_image, retrieval_recall
@@ -99,10 +99,10 @@ def source_label_index(labels: np.ndarray, class_names: list[str], key: str) -> 
     return out
 
 
-def check_task_class_names(images: LabelledImages, spec, key: str) -> None:
+def check_task_class_names(images: LabelledImages, spec, key: str, field: str = "images") -> None:
     """The checks that need no Ray: the class names resolve and, for an ImageFolder, match its folders."""
     if images.image_folder is not None:
-        folders, _ = list_folder(images.image_folder, f"{key}.images.image_folder")
+        folders = list_classes(images.image_folder, f"{key}.{field}.image_folder")
         folder_label_map(folders, task_class_names(spec, folders, key), key)
     elif spec is not None:
         task_class_names(spec, [], key)
@@ -123,16 +123,16 @@ def folder_features(folder: str, listed: list[tuple[str, int]], folders: list[st
 
 
 def labelled_features(images: LabelledImages, spec, model: ResolvedModel, defaults: SuiteDefaults,
-                      key: str) -> LabelledFeatures:
+                      key: str, field: str = "images") -> LabelledFeatures:
     """Features and labels of a task's images (an ImageFolder or a labelled source), max_per_class applied."""
     if images.image_folder is not None:
-        folders, listed = list_folder(images.image_folder, f"{key}.images.image_folder")
+        folders, listed = list_folder(images.image_folder, f"{key}.{field}.image_folder")
         class_names = task_class_names(spec, folders, key)
         return folder_features(images.image_folder, first_per_class(listed, images.max_per_class), folders,
                                class_names, model, defaults, key)
     encoded, found = encode_labelled_source(images, model, defaults, defaults.samples_per_partition)
     class_names = task_class_names(spec, found, key)
-    labels = source_label_index(encoded.columns["label"], class_names, f"{key}.images.label")
+    labels = source_label_index(encoded.columns["label"], class_names, f"{key}.{field}.label")
     keep = np.array([row for row, _ in first_per_class(list(enumerate(labels.tolist())), images.max_per_class)],
                     dtype=np.int64)
     return LabelledFeatures(encoded.embeddings(), labels, class_names, encoded.counts,
@@ -148,7 +148,7 @@ def _counted(result: LabelledFeatures, metrics: dict[str, float], info: dict) ->
 
 
 def _classifier(model: ResolvedModel, class_names: list[str], templates: list[str], precision: str) -> np.ndarray:
-    """The [D, C] zero-shot classifier, built where this runs (a Ray task with an encoder actor's resources)."""
+    """The [D, C] zero-shot classifier, built where this runs (the driver, or a Ray task with a GPU share)."""
     encoder = ClipEncoder(model, towers=("text",), dtype="float32", precision=precision)
     context_length = model.model_config.text.context_length
     weights = zeroshot_classifier(lambda tokens: torch.from_numpy(encoder.encode_texts(tokens)),
@@ -159,7 +159,11 @@ def _classifier(model: ResolvedModel, class_names: list[str], templates: list[st
 
 def zeroshot_weights(model: ResolvedModel, class_names: list[str], templates: list[str],
                      defaults: SuiteDefaults) -> np.ndarray:
-    """The classifier from one Ray task with an encoder actor's share (a GPU where the actors have one)."""
+    """The classifier: where the actors have GPUs, from one Ray task with an actor's share (ImageNet's 80,000
+    prompts take seconds there); on CPUs the prompts are encoded on the driver (a task would be another process
+    loading the model, on the same kind of CPU)."""
+    if not defaults.num_gpus_per_actor:
+        return _classifier(model, class_names, templates, defaults.precision)
     task = ray.remote(**actor_resources(defaults))(_classifier)
     return ray.get(task.remote(model, class_names, templates, defaults.precision))
 
@@ -200,8 +204,8 @@ def stratified_split(listed: list[tuple[str, int]], train_fraction: float, seed:
 def probe_splits(task: LinearProbeTask, model: ResolvedModel, defaults: SuiteDefaults,
                  key: str) -> tuple[LabelledFeatures, LabelledFeatures]:
     if task.images is None:
-        train = labelled_features(task.train, task.class_names, model, defaults, f"{key}.train")
-        test = labelled_features(task.test, task.class_names or train.class_names, model, defaults, f"{key}.test")
+        train = labelled_features(task.train, task.class_names, model, defaults, key, "train")
+        test = labelled_features(task.test, task.class_names or train.class_names, model, defaults, key, "test")
         return train, test
     folders, listed = list_folder(task.images.image_folder, f"{key}.images.image_folder")
     class_names = task_class_names(task.class_names, folders, key)
