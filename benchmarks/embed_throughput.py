@@ -12,6 +12,9 @@ float16:
   here with C + D logical CPUs): D read + decode tasks at a time (`decode_cpus=1`,
   one thread each) feed A encoder actors of C / A CPUs each (Ray gives each
   actor C / A torch threads); the job writes one Parquet file per partition.
+  With one CPU per actor the two stages ask for the same resources and Ray Data
+  fuses them: each actor then reads and decodes its own partitions between batches
+  (one process per core, no decode tasks).
 
 C is --cpus (the machine's cores by default), D --decode-workers (default C): both
 sides run C torch threads for the model plus D decoding processes on the same cores.
@@ -62,12 +65,14 @@ from clip_ray.config import EmbedConfig, SourceConfig  # noqa: E402
 from clip_ray.data.formats import Sample  # noqa: E402
 from clip_ray.data.formats.folders import load_caption_csv  # noqa: E402
 from clip_ray.data.stream.preprocess import Preprocessor, normalize_on_device  # noqa: E402
+from clip_ray.inference.embedding_files import iter_vectors, list_embedding_files  # noqa: E402
+from clip_ray.inference.encoder import EMBEDDING_COLUMNS  # noqa: E402
 from clip_ray.model import build_model  # noqa: E402
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
 from clip_ray.worker.checkpoint import (  # noqa: E402
     is_complete_checkpoint,
     load_model_from_checkpoint,
-    save_training_state,  # noqa: E402
+    save_training_state,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,15 +216,24 @@ def plain_pass(data_dir: Path, captions_file: str, checkpoint: Path, tokenizer: 
         loader = torch.utils.data.DataLoader(PhotoFiles(data_dir / captions_file, preprocessor),
                                              batch_size=args.batch_size, num_workers=args.decode_workers,
                                              collate_fn=Collate(preprocessor, with_text))
-        images, vectors = 0, []
+        images, image_vectors, text_vectors = 0, [], []
         for pixels, tokens in loader:
-            vectors.append(_unit_float16(model.encode_image(normalize_on_device(pixels))))
+            image_vectors.append(_unit_float16(model.encode_image(normalize_on_device(pixels))))
             if tokens is not None:
-                vectors.append(_unit_float16(model.encode_text(torch.from_numpy(tokens))))
+                text_vectors.append(_unit_float16(model.encode_text(torch.from_numpy(tokens))))
             images += len(pixels)
         seconds = time.perf_counter() - start
     torch.set_num_threads(threads)
-    return {"images": images, "seconds": seconds, "cpu": cpu.seconds}
+    return {"images": images, "seconds": seconds, "cpu": cpu.seconds, "vectors": np.concatenate(image_vectors)}
+
+
+def largest_difference(plain_vectors: np.ndarray, out_dir: Path) -> float:
+    """The largest difference between the plain loop's image vectors and those the job wrote (same order)."""
+    files = list_embedding_files(str(out_dir))
+    written = np.concatenate([v for path in files for v in iter_vectors(path, EMBEDDING_COLUMNS["image"])])
+    if written.shape != plain_vectors.shape:
+        raise SystemExit(f"{out_dir}: {written.shape} vectors, the plain loop made {plain_vectors.shape}")
+    return float(np.abs(written.astype(np.float32) - plain_vectors.astype(np.float32)).max())
 
 
 def _unit_float16(features: torch.Tensor) -> np.ndarray:
@@ -316,6 +330,7 @@ def main() -> None:
     setups.update({f"embed x{a}": f"{a} actor(s) x {args.cpus / a:g} CPU, {args.decode_workers} decode slots"
                    for a in actors})
     runs: dict[str, list[dict]] = {name: [] for name in setups}
+    plain_vectors = None
     for repeat in range(args.repeats):
         for name in setups:
             passes = {}
@@ -323,6 +338,7 @@ def main() -> None:
                                                        ("full", FULL_CSV, args.samples_per_partition)):
                 if name == "plain":
                     run = plain_pass(data_dir, captions_file, checkpoint, tokenizer, args)
+                    plain_vectors = run.pop("vectors")
                 else:
                     a = int(name.split("x")[1])
                     run = embed_pass(data_dir, captions_file, work / f"out-{a}-{size}", checkpoint, tokenizer, a,
@@ -333,6 +349,9 @@ def main() -> None:
                       f"{run['cpu']:6.1f} CPU s", flush=True)
             runs[name].append(summarise(passes["full"], passes["small"]))
     ray.shutdown()
+    differences = {a: largest_difference(plain_vectors, work / f"out-{a}-full") for a in actors}
+    print("largest difference of a vector component, clip-ray embed against the plain loop (float16 unit vectors): "
+          + ", ".join(f"{a} actor(s) {d:.1e}" for a, d in differences.items()))
 
     best = {name: {key: max((r[key] for r in found if r[key] is not None), default=None)
                    for key in found[0] if key not in ("full", "small")} for name, found in runs.items()}
