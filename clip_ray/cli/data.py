@@ -6,8 +6,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from clip_ray.cli.common import add_ray_arguments, add_source_arguments, print_summary, source_from_args
+from clip_ray.cli.common import (
+    add_ray_arguments, add_source_arguments, print_summary, run_on_model, source_from_args,
+)
 from clip_ray.cli.embed import MODEL_HELP
+from clip_ray.config.clip_score import ClipScoreConfig
 from clip_ray.data.formats.samples import DEFAULT_MAX_PIXELS
 
 
@@ -89,16 +92,16 @@ def add_clip_score_arguments(parser: argparse.ArgumentParser) -> None:
     clip.add_argument(flag["cpus_per_actor"], type=float, default=1.0)
     clip.add_argument(flag["gpus_per_actor"], type=float, default=0.0,
                       help="GPU share of an actor, e.g. 0.25 puts four on a GPU (default: CPU only)")
-    clip.add_argument(flag["decode_cpus"], type=float, default=1.0, help="CPUs of one read + decode task")
+    clip.add_argument(flag["decode_cpus"], type=float, default=1.0,
+                      help="CPUs of one read + decode task; when equal to --clip-cpus-per-actor (and no GPU), Ray Data "
+                           "runs the decoding inside the actors")
     clip.add_argument(flag["batch_size"], type=int, default=256, help="pairs per encoder call")
     clip.add_argument(flag["precision"], choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                       help="encoder autocast (auto: fp16 on a GPU, fp32 on a CPU)")
 
 
-def clip_score_from_args(args: argparse.Namespace):
+def clip_score_from_args(args: argparse.Namespace) -> ClipScoreConfig | None:
     """The ClipScoreConfig the flags ask for, checked (errors name the flags), or None without any."""
-    from clip_ray.config.clip_score import ClipScoreConfig
-
     if args.clip_model is None and args.min_clip_score is None and args.clip_top_fraction is None:
         return None
     config = ClipScoreConfig(
@@ -141,18 +144,23 @@ def run_curate(args: argparse.Namespace) -> int:
     if args.queries is None and clip_score is None:
         raise ConfigError("--queries: give a query list, a CLIP-score filter (--clip-model with --min-clip-score "
                           "and/or --clip-top-fraction), or both")
-    model = None
-    if clip_score is not None:
-        try:  # before Ray starts: a wrong path or a missing tokenizer costs a second, not a cluster start
-            model = resolve_clip_model(clip_score)
-        except ModelSourceError as err:
-            print(f"clip-ray data curate: --clip-model: {err}", file=sys.stderr)
-            return 2
 
-    def job() -> dict:
+    def resolve():
+        if clip_score is None:
+            return None
+        try:
+            return resolve_clip_model(clip_score)
+        except ModelSourceError as err:
+            raise ModelSourceError(f"{CLIP_SCORE_FLAGS['model']}: {err}") from None
+
+    def job(model) -> dict:
         return curate_job(source_from_args(args), args.queries, args.output, options, clip_score, model)
 
-    return _run_data_job(args, "curate", job, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+    status, _, report = run_on_model("data curate", args, resolve, job)
+    if status:
+        return status
+    print_summary(report, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
+    return 0
 
 
 def _run_data_job(args: argparse.Namespace, name: str, job, summary_keys: Sequence[str]) -> int:
