@@ -46,6 +46,8 @@ from clip_ray.storage import resolve
 log = logging.getLogger("clip_ray.search")
 
 DEFAULT_CHUNK_ROWS = 65_536
+# Text queries per encoder call.
+QUERY_BATCH = 1024
 # What must agree between files for their rows to be one searchable set.
 _SAME_ACROSS_FILES = ("format", "towers", "dtype", "embed_dim", "normalized")
 _SAME_MODEL = ("config_sha256", "location", "version")
@@ -136,22 +138,37 @@ class EmbeddingSet:
         if held:
             yield start, np.concatenate(pending)
 
-    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
-        """One query's top rows (global numbers, best first; -1 for none) as Hits with their strings."""
-        wanted = [(int(row), float(score)) for row, score in zip(rows, scores) if row >= 0]
-        by_file: dict[int, list[int]] = {}
-        for row, _ in wanted:
-            by_file.setdefault(int(np.searchsorted(self.offsets, row, side="right") - 1), []).append(row)
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
+        """Each query's top rows (scores and global row numbers [Q, k], best first; -1 for none) as Hits
+        with their strings; each file holding any of them is read once for all the queries."""
+        wanted = np.unique(np.asarray(rows)[np.asarray(rows) >= 0])
+        owners = np.searchsorted(self.offsets, wanted, side="right") - 1
         found: dict[int, dict] = {}
-        for file_index, file_rows in by_file.items():
-            path = self.files[file_index]
-            local = [row - int(self.offsets[file_index]) for row in file_rows]
-            for row, values in zip(file_rows, read_rows(path, local, _text_columns(path))):
-                found[row] = {"file": path, "row": row - int(self.offsets[file_index]), **values}
-        return [Hit(rank=rank, score=score, key=found[row].get("key"), caption=found[row].get("caption"),
-                    url=found[row].get("url"), label=found[row].get("label"), source=found[row].get("source"),
-                    file=found[row]["file"], row=found[row]["row"])
-                for rank, (row, score) in enumerate(wanted, start=1)]
+        for file_index in np.unique(owners):
+            path, first = self.files[file_index], int(self.offsets[file_index])
+            file_rows = wanted[owners == file_index].tolist()
+            values = read_rows(path, [row - first for row in file_rows], _text_columns(path))
+            found.update({row: {**value, "file": path, "row": row - first} for row, value in zip(file_rows, values)})
+        results = []
+        for query_scores, query_rows in zip(scores, rows):
+            ranked = [(found[int(row)], float(score)) for row, score in zip(query_rows, query_scores) if row >= 0]
+            results.append([Hit(rank=rank, score=score, key=row.get("key"), caption=row.get("caption"),
+                                url=row.get("url"), label=row.get("label"), source=row.get("source"),
+                                file=row["file"], row=row["row"])
+                            for rank, (row, score) in enumerate(ranked, start=1)])
+        return results
+
+    def group_ids(self, column: str) -> np.ndarray:
+        """[num_rows] int64: rows with the same value of the string `column` share a number; a null is its own."""
+        numbers: dict[object, int] = {}
+        ids = np.empty(self.num_rows, dtype=np.int64)
+        for offset, path in zip(self.offsets, self.files):
+            names = _text_columns(path)
+            if column not in names:
+                raise SearchError(f"{path}: no string column {column!r} to tell items apart by (it has {names})")
+            for row, value in enumerate(_string_column(path, column), start=int(offset)):
+                ids[row] = numbers.setdefault(value if value is not None else (None, row), len(numbers))
+        return ids
 
 
 def _text_columns(path: str) -> list[str]:
@@ -162,6 +179,12 @@ def _text_columns(path: str) -> list[str]:
     return [field.name for field in schema if pa.types.is_string(field.type)]
 
 
+def _string_column(path: str, column: str) -> list[str | None]:
+    fs, inner = resolve(path)
+    with fs.open_input_file(inner) as file:
+        return pq.read_table(file, columns=[column]).column(0).to_pylist()
+
+
 # --------------------------------------------------------------------------- top-k
 
 
@@ -170,26 +193,64 @@ def default_device() -> torch.device:
 
 
 def exact_top_k(queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int,
-                device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                device: torch.device | str | None = None, groups: np.ndarray | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q, k], global rows [Q, k]) of the k largest dot products per query, best first.
 
     One matrix product per chunk, then the chunk's top k merged with the best so far: memory
     is the chunk plus Q x 2k. Fewer than k rows in all: the missing places hold -inf and -1.
+    `groups` ([num_rows] ints, e.g. EmbeddingSet.group_ids): rows of one group are one item, its
+    best-scoring row stands for it, and the k places go to k different groups.
     """
     device = torch.device(device) if device is not None else default_device()
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32), device=device)
     best_scores = torch.full((len(q), k), -torch.inf, device=device)
     best_rows = torch.full((len(q), k), -1, dtype=torch.long, device=device)
+    best_groups = torch.full((len(q), k), -1, dtype=torch.long, device=device)
     for start, matrix in chunks:
         vectors = torch.from_numpy(np.ascontiguousarray(matrix)).to(device).float()  # float16 travels as is
         scores = q @ vectors.T
-        top = min(k, scores.shape[1])
-        chunk_scores, chunk_rows = scores.topk(top, dim=1)
+        if groups is None:
+            chunk_scores, chunk_rows = scores.topk(min(k, scores.shape[1]), dim=1)
+            chunk_groups = chunk_rows + start  # every row its own item
+        else:
+            chunk_scores, chunk_rows, chunk_groups = _top_groups(scores, groups[start:start + scores.shape[1]], k)
         merged_scores = torch.cat([best_scores, chunk_scores], dim=1)
+        merged_groups = torch.cat([best_groups, chunk_groups], dim=1)
+        if groups is not None:  # an item may have stood in an earlier chunk too
+            merged_scores = _drop_repeated_groups(merged_scores, merged_groups)
         merged_rows = torch.cat([best_rows, chunk_rows + start], dim=1)
         best_scores, order = merged_scores.topk(k, dim=1)
-        best_rows = merged_rows.gather(1, order)
+        best_rows, best_groups = merged_rows.gather(1, order), merged_groups.gather(1, order)
+    best_rows = best_rows.masked_fill(torch.isneginf(best_scores), -1)  # places no row (or a dropped one) fills
     return best_scores.cpu().numpy(), best_rows.cpu().numpy()
+
+
+def _top_groups(scores: torch.Tensor, row_groups: np.ndarray, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores, rows in the chunk, group ids), each [Q, min(k, groups)], of each query's best groups in a chunk;
+    a group is scored by its best row (the first of equals)."""
+    ids, local = np.unique(row_groups, return_inverse=True)
+    local = torch.from_numpy(local.reshape(-1)).to(scores.device).expand_as(scores)
+    group_scores = torch.full((len(scores), len(ids)), -torch.inf, device=scores.device)
+    group_scores = group_scores.scatter_reduce(1, local, scores, reduce="amax")
+    past_end = scores.shape[1]  # int32 row numbers: a chunk's rows fit, and they halve this step's memory
+    row_numbers = torch.arange(past_end, dtype=torch.int32, device=scores.device).expand_as(scores)
+    best_rows = row_numbers.masked_fill(scores != group_scores.gather(1, local), past_end)
+    first_best = torch.full(group_scores.shape, past_end, dtype=torch.int32, device=scores.device).scatter_reduce(
+        1, local, best_rows, reduce="amin")
+    top_scores, top = group_scores.topk(min(k, len(ids)), dim=1)
+    return top_scores, first_best.gather(1, top).long(), torch.from_numpy(ids).to(scores.device)[top]
+
+
+def _drop_repeated_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """`scores` [Q, M] with -inf wherever the same group stands at a better place (higher, or equal and earlier)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    by_group, regroup = groups.gather(1, order).sort(dim=1, stable=True)  # a group's places together, best first
+    repeated = torch.zeros_like(by_group, dtype=torch.bool)
+    repeated[:, 1:] = by_group[:, 1:] == by_group[:, :-1]
+    in_score_order = torch.empty_like(repeated).scatter_(1, regroup, repeated)
+    return scores.masked_fill(torch.empty_like(repeated).scatter_(1, order, in_score_order), -torch.inf)
 
 
 def _faiss():
@@ -230,15 +291,21 @@ def approximate_top_k(files: EmbeddingSet, column: str, queries: np.ndarray, k: 
 
 def search(files: EmbeddingSet, queries: np.ndarray, k: int = 10, against: str | None = None,
            device: torch.device | str | None = None, approximate: bool = False, index_path: str | None = None,
-           chunk_rows: int = DEFAULT_CHUNK_ROWS) -> list[list[Hit]]:
-    """The k nearest rows of `against`'s embeddings (default image) for each query vector, best first."""
+           chunk_rows: int = DEFAULT_CHUNK_ROWS, distinct: str | None = None) -> list[list[Hit]]:
+    """The k nearest rows of `against`'s embeddings (default image) for each query vector, best first.
+
+    `distinct`: a string column whose equal values are one item, e.g. "source" for the images of a
+    caption table (a photo with five captions has five rows): each item's best row only, k items."""
     queries = np.asarray(queries, dtype=np.float32).reshape(-1, files.dim)
     column = files.column(against)
     if approximate:
+        if distinct is not None:
+            raise SearchError("distinct items need the exact search (the FAISS index knows rows, not items)")
         scores, rows = approximate_top_k(files, column, queries, k, index_path, chunk_rows)
     else:
-        scores, rows = exact_top_k(queries, files.chunks(column, chunk_rows), k, device)
-    return [files.hits(s, r) for s, r in zip(scores, rows)]
+        groups = files.group_ids(distinct) if distinct is not None else None
+        scores, rows = exact_top_k(queries, files.chunks(column, chunk_rows), k, device, groups)
+    return files.hits(scores, rows)
 
 
 # --------------------------------------------------------------------------- queries
@@ -275,15 +342,17 @@ def read_image_bytes(path: str) -> bytes:
 
 
 def embed_queries(model: ResolvedModel, texts: Sequence[str] = (), images: Sequence[str] = (),
-                  device: str | None = None, encoder: ClipEncoder | None = None) -> np.ndarray:
-    """[len(texts) + len(images), D] float32 unit vectors: the texts through the text tower, then the
-    image files (local or URIs) through the image tower, preprocessed as the embedding job does.
-    `encoder`: one already holding `model` (loading it again costs time for every call)."""
+                  device: str | None = None, encoder: ClipEncoder | None = None,
+                  batch_size: int = QUERY_BATCH) -> np.ndarray:
+    """[len(texts) + len(images), D] float32 unit vectors: the texts through the text tower (`batch_size`
+    at a time), then the image files (local or URIs) through the image tower, preprocessed as the
+    embedding job does. `encoder`: one already holding `model` (loading it again costs time for every call)."""
     encoder = encoder or ClipEncoder(model, dtype="float32", device=device)
     config = model.model_config
     parts = []
-    if texts:
-        parts.append(encoder.encode_texts(model.tokenizer(list(texts), context_length=config.text.context_length)))
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenizer(list(texts[start:start + batch_size]), context_length=config.text.context_length)
+        parts.append(encoder.encode_texts(tokens))
     if images:
         preprocessor = Preprocessor(config.vision.image_size, config.text.context_length, tokenize=None,
                                     train=False)
