@@ -11,6 +11,8 @@ prepares the checked config for its workers (clip_ray.driver.prepare).
     job.py           TrainConfig, EvalConfig, TrackingConfig, ClusterConfig, Config, load_config
     sweep.py         SweepConfig, load_sweep_config (a Ray Tune sweep over training jobs)
     embed.py         EmbedConfig (a `clip-ray embed` job: input, model, actors, output)
+    suite.py         SuiteConfig, load_suite (`clip-ray eval --suite`: zero-shot, linear-probe and retrieval tasks)
+    clip_score.py    ClipScoreConfig (curation's CLIP-score filter: model, threshold / top fraction, actors)
     presets.py       the named models (OpenAI's releases, small CPU ones) and scale_model for sweeps
     dataclass_io.py  strict dict <-> dataclass conversion, YAML, `--set` overrides, ConfigError
 """
