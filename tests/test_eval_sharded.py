@@ -86,7 +86,7 @@ def job(demo, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [3])  # an odd world: 64 pairs split 22/21/21, unequal gathers
 def test_sharded_evaluation_equals_one_worker_and_splits_the_work(job, world_size, tmp_path):
     job_file, alone = job
     assert alone["zeroshot/num_images"] == NUM_ZEROSHOT and alone["val/num_captions"] == NUM_VAL
