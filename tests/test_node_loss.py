@@ -7,7 +7,9 @@ two-worker job, submitted with `ray job submit`, checkpoints every step to the d
 
 - The reference run goes uninterrupted. Ray's state API shows one training worker on each trainer
   node and every preprocessing task on the data node (a trainer node's spare half CPU fits no
-  1-CPU preprocessing task).
+  1-CPU preprocessing task). It is also read back as a user reads a job: its log, its MLflow run,
+  its logged model (loaded with mlflow.pytorch alone), and jobs/eval.py submitted to the same
+  cluster; the jobs API answers only with the cluster's token.
 - The faulted run is the same job under another run name. It loses, in turn:
   1. the trainer node of rank 0 (kill-worker.sh: SIGKILL to its raylet, agents and workers), after
      a checkpoint: FailureConfig restarts the worker group from the latest checkpoint, on the
@@ -33,6 +35,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -89,10 +92,10 @@ class Cluster:
         return {path.name.removesuffix(".node-id"): path.read_text().strip()
                 for path in (self.state_dir / "pids").glob("*.node-id")}
 
-    def submit(self, config: Path, demo_dir: Path) -> str:
-        """`ray job submit --no-wait` of jobs/train.py: its submission id."""
+    def submit(self, config: Path, demo_dir: Path, script: str = "jobs/train.py", *args) -> str:
+        """`ray job submit --no-wait` of a job script on a config: its submission id."""
         args = [VENV_BIN / "ray", "job", "submit", "--no-wait", "--runtime-env-json", JOB_RUNTIME_ENV, "--",
-                "python", "jobs/train.py", "--config", config, "--demo-data-dir", demo_dir]
+                "python", script, *args, "--config", config, "--demo-data-dir", demo_dir]
         output = run(args, self.shell, timeout=120).stdout
         submitted = re.search(r"Job '(\w+)' submitted successfully", output)
         assert submitted, output[-5000:]
@@ -115,6 +118,14 @@ class Cluster:
         request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
+
+    def status_without_token(self) -> int:
+        """What the jobs API answers a request that carries no token."""
+        try:
+            with urllib.request.urlopen(self.url + "/api/jobs/", timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
 
     def job(self, submission_id: str) -> dict:
         return self.api(f"/api/jobs/{submission_id}")
@@ -193,12 +204,43 @@ class FaultedRun:
         return int(re.findall(r"pid=(\d+)\) world_rank=0,", self.cluster.logs(self.submission))[-1])
 
 
-def job_config(root: Path, run_name: str, tracking_uri: str) -> Path:
+def job_config(root: Path, run_name: str, tracking_uri: str, log_model: bool = False) -> Path:
     config = tiny_config(root / "runs", run_name, STEPS, tracking_uri, demo=dict(TINY_DEMO),
                          cluster={"num_workers": 2, "cpus_per_worker": 0.5, "worker_resources": {"trainer": 1},
                                   "max_failures": 3},
-                         data={"preprocess_num_cpus": 1}, tracking={"log_model": False})
+                         data={"preprocess_num_cpus": 1, "progress_log_every_s": 1},
+                         tracking={"log_model": log_model})
     return write_config(config, root / f"{run_name}.yaml")
+
+
+def read_back_reference(cluster: Cluster, root: Path, demo_dir: Path, config: Path, submission: str) -> dict:
+    """What a user reads back from the finished reference run while the cluster is up: its logged model
+    (loaded with mlflow.pytorch alone, and scored against the checkpoint it came from) and jobs/eval.py
+    submitted to the same cluster on its run directory."""
+    import mlflow.pytorch
+    import torch
+
+    from clip_ray.config import load_config
+    from clip_ray.driver.evaluate_model import evaluate_model
+    from clip_ray.driver.prepare import prepare_job
+    from clip_ray.tracking.export import process_tracking_uri
+
+    logs = cluster.logs(submission)
+    run_id = re.search(r"MLflow run ([0-9a-f]{32}) in " + re.escape(cluster.mlflow_url), logs).group(1)
+    eval_config = prepare_job(load_config(config), demo_dir).config
+    eval_config.data.val = []  # zero-shot only: no Ray Data needed in this process
+    with process_tracking_uri(cluster.mlflow_url):
+        exported = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    image_features, text_features, scale = exported(torch.zeros(3, 3, 32, 32), torch.ones(3, 24, dtype=torch.long))
+    metrics_file = root / "eval.json"
+    evaluation = cluster.submit(config, demo_dir, "jobs/eval.py", str(root / "runs" / "reference"),
+                                "--json", str(metrics_file))
+    status = cluster.finished(evaluation)
+    return {"run_id": run_id, "shapes": [tuple(image_features.shape), tuple(text_features.shape), scale.ndim],
+            "from_mlflow": evaluate_model(eval_config, f"runs:/{run_id}/model"),
+            "from_checkpoint": evaluate_model(eval_config, str(root / "runs" / "reference")),
+            "eval_status": status, "eval_logs": cluster.logs(evaluation),
+            "evaluated": json.loads(metrics_file.read_text()) if metrics_file.exists() else None}
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +260,13 @@ def runs(tmp_path_factory):
     try:
         cluster.start()
         mark("cluster up")
-        record["reference"] = cluster.submit(job_config(root, "reference", cluster.mlflow_url), demo_dir)
+        reference_config = job_config(root, "reference", cluster.mlflow_url, log_model=True)
+        record["reference"] = cluster.submit(reference_config, demo_dir)
         assert cluster.finished(record["reference"]) == "SUCCEEDED", cluster.logs(record["reference"])[-6000:]
         mark("reference run")
+        record["unauthorised_status"] = cluster.status_without_token()
+        record["read_back"] = read_back_reference(cluster, root, demo_dir, reference_config, record["reference"])
+        mark("reference run read back")
 
         # 1. The trainer node of rank 0 dies; a new trainer node joins.
         config = job_config(root, "faulted", cluster.mlflow_url)
@@ -324,6 +370,55 @@ def test_training_runs_on_trainer_nodes_and_preprocessing_on_data_nodes(runs):
     # Preprocessing: on the first data node until it was lost, then on its replacement.
     assert {*placement(runs, "first")["preprocess"], *placement(runs, "second")["preprocess"]} == \
         {ids["ray-worker-3"], ids["ray-worker-5"]}
+
+
+# --------------------------------------------------------------------------- the reference run, as a user reads it
+
+
+@needs_proc
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_reference_job_reads_back_as_a_user_follows_it(runs):
+    """`ray job submit` of jobs/train.py as a user follows it: the job log, the MLflow run, the logged model,
+    and jobs/eval.py submitted to the same cluster."""
+    assert runs["unauthorised_status"] == 401, "the jobs API answers only with the cluster's token"
+    logs = runs["jobs"]["reference"]["logs"]
+    assert "starting fresh run reference" in logs and "2 worker(s) x 0.5 CPU" in logs, logs[-5000:]
+    # The config was prepared once, on the driver: one tokenizer trained, never looked up again.
+    assert logs.count("job reference prepared:") == 1 and logs.count("-token BPE on ") == 1, logs[-5000:]
+    assert "reusing tokenizer" not in logs
+    assert all(re.search(rf"step {step}/{STEPS} epoch \d \| loss", logs) for step in range(1, STEPS + 1))
+    # Ray Data's progress, as text blocks from the stream rank 0 built (its split's coordinator).
+    assert "Total Progress:" in logs and "Running Dataset" in logs
+    assert "Zero-shot on the 12 held-out colour-shape combinations" in logs
+    # The summary table: evaluated at the end only (train.eval_every: 0), so the "before" column is empty.
+    assert re.search(r"zero-shot top-1 +- +0\.\d{3} +\(chance 0\.083\)", logs), logs[-3000:]
+    assert re.search(r"image->text R@1 +- +\d\.\d{3}", logs)
+
+    # The MLflow run: the whole config as params, every step's loss, the evaluation at the end.
+    from mlflow import MlflowClient
+
+    read_back = runs["read_back"]
+    run = MlflowClient(f"sqlite:///{runs['mlflow_db']}").get_run(read_back["run_id"])
+    assert run.data.params["train.steps"] == str(STEPS) and run.data.params["model.embed_dim"] == "32"
+    assert run.data.params["cluster.run_name"] == "reference"
+    _, history = mlflow_history(runs, "reference")
+    assert sorted(history["zeroshot/top1"]) == [STEPS] and sorted(history["train/loss"]) == list(range(1, STEPS + 1))
+    logged = {key: history[key][STEPS][0] for key in ("zeroshot/top1", "val/loss")}
+
+    # The logged model loads with mlflow.pytorch alone and scores like the checkpoint it came from.
+    assert read_back["shapes"] == [(3, 32), (3, 32), 0]
+    for key in ("zeroshot/top1", "zeroshot/top5"):
+        assert read_back["from_mlflow"][key] == pytest.approx(read_back["from_checkpoint"][key], abs=1e-6), key
+    assert read_back["from_checkpoint"]["zeroshot/top1"] == pytest.approx(logged["zeroshot/top1"])
+    # jobs/eval.py on the run directory: its latest checkpoint, every metric, as JSON and as a table.
+    assert read_back["eval_status"] == "SUCCEEDED", read_back["eval_logs"][-5000:]
+    evaluated = read_back["evaluated"]
+    assert evaluated["zeroshot/top1"] == pytest.approx(logged["zeroshot/top1"])
+    assert evaluated["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-4)
+    assert evaluated["val/num_images"] == TINY_DEMO["num_val"]
+    assert re.search(rf"zero-shot top-1 +{evaluated['zeroshot/top1']:.3f} +\(chance 0\.083\)",
+                     read_back["eval_logs"])
 
 
 # --------------------------------------------------------------------------- what the runs logged
