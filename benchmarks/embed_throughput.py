@@ -31,6 +31,8 @@ Each pipeline also runs on the first 4 batches of photos alone (one partition pe
 batch): "marginal img/s" is the extra photos of the full run over its extra seconds (the
 rate once running), "fixed s" the small run's seconds that this rate does not explain
 (start-up and tail: actors starting, model loads, the first and last batches).
+Ray runs its workers at nice 15, so on a machine others are using they yield CPU to
+those others and the plain loop does not: compare wall clock on an idle machine.
 Images per CPU-second count every process involved (Ray's own included), which is
 steadier than wall clock on a shared machine; "marginal" and "fixed" CPU seconds are
 split the same way. The weights are a seeded random
