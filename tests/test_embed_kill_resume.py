@@ -48,12 +48,11 @@ RAY_INIT_KWARGS = {"num_cpus": 2}  # the in-process cluster of the last two test
 
 
 def embed_command(folder: Path, out: Path, run_dir: Path) -> list[str]:
-    # An actor's CPU share unlike a decode task's keeps Ray Data from fusing the two stages: fused, every partition
-    # reaches the driver at the end (test_partitions_reach_the_driver_one_by_one), and whether the kill lands
-    # inside the last-moment burst of writes would be a race.
+    # The default actor and decode resources: the pipeline keeps the stages apart, so partitions reach the driver
+    # (and their files are written) one by one (test_partitions_reach_the_driver_one_by_one).
     return [sys.executable, str(REPO_ROOT / "jobs" / "embed.py"), str(folder), str(out), "--input-format", "csv",
             "--model", str(run_dir), "--dtype", "float32", "--samples-per-partition", str(ROWS_PER_PARTITION),
-            "--batch-size", str(ROWS_PER_PARTITION), "--num-cpus", "2", "--num-cpus-per-actor", "0.5"]
+            "--batch-size", str(ROWS_PER_PARTITION), "--num-cpus", "2"]
 
 
 def job_env(ray_tmp: str) -> dict:
@@ -181,12 +180,6 @@ def test_the_resumed_output_equals_an_uninterrupted_run(killed_and_resumed, unin
                                    np.stack(uninterrupted[column].to_numpy(zero_copy_only=False)), rtol=0, atol=1e-6)
 
 
-# Ray Data fuses the read + decode tasks into the encoder actor pool when their CPU shares are equal (the default,
-# without a GPU); the fused operator takes `batch_size` partitions per actor task and returns their rows when the
-# task ends, so the driver writes every file at the end and a killed job keeps nothing. Remove the marker with the
-# fix in clip_ray/inference/pipeline.py (keep the stages apart, e.g. a ray_remote_args_fn on the decode stage).
-@pytest.mark.xfail(strict=True, reason="clip_ray/inference/pipeline.py: with equal CPU shares Ray Data fuses "
-                   "decoding into the encoder actors, which hand back all partitions in one block at the end")
 @pytest.mark.slow  # its fixture is the slow one
 def test_partitions_reach_the_driver_one_by_one(killed_and_resumed, ray_cluster):
     """With the default actor resources each partition comes back as soon as it is embedded, not all at the end."""

@@ -6,6 +6,11 @@
     -> map_batches(ClipEncoder)            an actor pool of `concurrency` actors, each with its CPU/GPU share,
                                            each loading the model once
 
+The two stages are kept apart where the cluster has CPUs for both: Ray Data would otherwise fuse
+the decode tasks into the actors (their remote args match on a CPU-only run), and a fused actor
+task takes `batch_size` partitions and returns their rows only when all are done, so nothing
+reaches the driver (and no file is finished) until the end of a small job.
+
 `encode_partitions` runs it and hands each partition back on the driver as soon as all its rows
 have arrived (as many as its task reported emitting), sorted by position. `clip-ray embed` writes
 each one to a Parquet file; the evaluation suite keeps them in memory. Only embeddings and a few
@@ -14,6 +19,8 @@ strings come back to the driver; pixels stay between the two stages in the objec
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -25,6 +32,8 @@ from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.inference.encoder import EMBEDDING_COLUMNS, ClipEncoder
 from clip_ray.inference.models import ResolvedModel
 from clip_ray.inference.partitions import EmbedPartition, PartitionLedger, preprocess_partition
+
+log = logging.getLogger(__name__)
 
 
 class EncoderSettings(Protocol):
@@ -48,6 +57,25 @@ def actor_resources(settings: EncoderSettings) -> dict[str, float]:
     return resources
 
 
+def decoding_apart(settings: EncoderSettings) -> dict:
+    """map_batches arguments that keep the decode tasks out of the encoder actors (see the module docstring).
+
+    Only where the actors leave a decode task its CPUs: where they do not (as many CPU actors as cores),
+    apart stages would wait on each other for ever, and fused ones still make progress.
+    """
+    if settings.num_gpus_per_actor:
+        return {}  # the remote args differ: Ray Data does not fuse the stages
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if settings.concurrency * settings.num_cpus_per_actor + settings.decode_cpus <= cpus:
+        # Ray Data never fuses an operator that has a ray_remote_args_fn.
+        return {"ray_remote_args_fn": functools.partial(dict, num_cpus=settings.decode_cpus)}
+    log.warning("%s encoder actor(s) x %s CPU leave no %s CPU for a decode task on this cluster's %s CPUs: Ray Data "
+                "decodes inside the actors, and a partition reaches the driver only when its actor task "
+                "(%s partitions) is done", settings.concurrency, settings.num_cpus_per_actor, settings.decode_cpus,
+                cpus, settings.batch_size)
+    return {}
+
+
 def encoding_dataset(partitions: list[EmbedPartition], model: ResolvedModel, settings: EncoderSettings, *,
                      source: SourceConfig | None, towers: tuple[str, ...], columns: tuple[str, ...],
                      ledger) -> ray.data.Dataset:
@@ -63,6 +91,7 @@ def encoding_dataset(partitions: list[EmbedPartition], model: ResolvedModel, set
         num_cpus=settings.decode_cpus,
         fn_kwargs={"source": source, "towers": towers, "columns": columns, "preprocessor": preprocessor,
                    "batch_size": settings.batch_size, "ledger": ledger},
+        **decoding_apart(settings),
     )
     return dataset.map_batches(
         ClipEncoder,
