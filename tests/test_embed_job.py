@@ -135,6 +135,13 @@ def test_search_finds_an_item_by_its_own_caption_and_its_own_image(embedded, wor
     assert main(["search", os.path.join(out, "part-*.parquet"), "--text", "a red star", "-k", "2"]) == 0
     printed = capsys.readouterr().out
     assert "12 rows in 2 file(s), image_embedding, exact" in printed and "https://example.com/" in printed
+    # --distinct: one hit per value of the column (here the 2 shards), each the best row of its shard.
+    per_shard = search_json(capsys, out, "--text", "a red star", "-k", "3", "--distinct", "source")[0]["hits"]
+    everything = search_json(capsys, out, "--text", "a red star", "-k", "12")[0]["hits"]
+    best = {}
+    for hit in everything:
+        best.setdefault(hit["source"], hit["key"])
+    assert [hit["key"] for hit in per_shard] == list(best.values())
 
 
 def test_search_refuses_a_model_of_another_architecture(embedded, workspace, tmp_path, capsys):

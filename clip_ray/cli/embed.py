@@ -115,6 +115,9 @@ def add_search_commands(groups: argparse._SubParsersAction) -> None:
     how.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     how.add_argument("--chunk-rows", type=int, default=65_536, help="rows per matrix product (bounds memory)")
     how.add_argument("--approximate", action="store_true", help="a FAISS HNSW index (pip install faiss-cpu)")
+    how.add_argument("--distinct", default=None, metavar="COLUMN",
+                     help="rows with the same value of this string column are one hit, e.g. source: a photo "
+                          "stored once per caption comes back once (exact search only)")
     how.add_argument("--index", dest="index_path", default=None,
                      help="with --approximate: save the index here and reuse it while the files are the same")
     how.add_argument("--json", action="store_true", help="print the hits as JSON")
@@ -151,7 +154,8 @@ def run_search(args: argparse.Namespace) -> int:
         model = query_model(files, args.model, args.tokenizer, args.tracking_uri)
         queries = embed_queries(model, args.text, args.image, device=args.device)
         results = search(files, queries, k=args.top_k, against=args.against, device=args.device,
-                         approximate=args.approximate, index_path=args.index_path, chunk_rows=args.chunk_rows)
+                         approximate=args.approximate, index_path=args.index_path, chunk_rows=args.chunk_rows,
+                         distinct=args.distinct)
     except (SearchError, ModelSourceError) as err:
         print(f"clip-ray search: {err}", file=sys.stderr)
         return 2
