@@ -12,9 +12,8 @@ float16:
   here with C + D logical CPUs): D read + decode tasks at a time (`decode_cpus=1`,
   one thread each) feed A encoder actors of C / A CPUs each (Ray gives each
   actor C / A torch threads); the job writes one Parquet file per partition.
-  With one CPU per actor the two stages ask for the same resources and Ray Data
-  fuses them: each actor then reads and decodes its own partitions between batches
-  (one process per core, no decode tasks).
+  The pipeline keeps the two stages apart (A x C / A + 1 <= C + D CPUs), so each
+  partition's file is written as soon as it is encoded.
 
 C is --cpus (the machine's cores by default), D --decode-workers (default C): both
 sides run C torch threads for the model plus D decoding processes on the same cores.
