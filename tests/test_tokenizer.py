@@ -8,6 +8,7 @@ import pickle
 import random
 from pathlib import Path
 
+import ftfy
 import pytest
 import torch
 
@@ -199,7 +200,6 @@ def test_clean_text():
 
 
 def test_clean_text_ascii_shortcut_agrees_with_ftfy():
-    ftfy = pytest.importorskip("ftfy", reason="the shortcut only skips ftfy; without it there is nothing to compare")
     import html
 
     rng = random.Random(1)
@@ -207,6 +207,21 @@ def test_clean_text_ascii_shortcut_agrees_with_ftfy():
         text = "".join(chr(rng.randrange(0x20, 0x7F)) for _ in range(rng.randint(0, 40)))
         slow = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
         assert clean_text(text) == slow, text
+
+
+MOJIBAKE_AND_REPAIRED = [
+    ("a dog at the cafÃ© door", "a dog at the café door"),  # UTF-8 read as Latin-1/cp1252
+    ("the dog doesnâ€™t swim", "the dog doesn't swim"),
+    ("naÃ¯ve crÃ¨me brÃ»lÃ©e on a plate", "naïve crème brûlée on a plate"),
+]
+
+
+@pytest.mark.parametrize(("mojibake", "repaired"), MOJIBAKE_AND_REPAIRED)
+def test_clip_tokenizes_mojibake_like_the_repaired_caption(clip_tokenizer, open_clip_module, mojibake, repaired):
+    # ftfy is required: without it the mis-encoded caption would keep its "Ã©" and get other ids.
+    assert clean_text(mojibake) == clean_text(repaired)
+    assert torch.equal(clip_tokenizer(mojibake), clip_tokenizer(repaired))
+    assert torch.equal(clip_tokenizer(mojibake), open_clip_module.tokenize(mojibake))
 
 
 # --- trained scheme -----------------------------------------------------------------

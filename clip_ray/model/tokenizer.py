@@ -15,7 +15,9 @@ still does what it is best at: the merges, training, and the tokenizer.json form
 
 The CLIP scheme needs the merges file `bpe_simple_vocab_16e6.txt.gz` that OpenAI's
 CLIP and OpenCLIP ship; clip-ray neither ships nor downloads it. Given it, the ids are
-exactly those of `open_clip.tokenize`.
+exactly those of `open_clip.tokenize`. ftfy is a required dependency, not an optional
+one: without it a mis-encoded caption ("cafÃ©") would tokenize differently from OpenAI's
+tokenizer, silently.
 """
 
 from __future__ import annotations
@@ -26,17 +28,13 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import ftfy
 import numpy as np
 import regex
 import torch
 from tokenizers import Regex as RustRegex
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
-
-try:  # ftfy repairs mojibake; OpenCLIP applies it, so exact parity needs it when present.
-    import ftfy
-except ImportError:  # pragma: no cover - depends on the environment
-    ftfy = None
 
 DEFAULT_CONTEXT_LENGTH = 77
 PAD_TOKEN_ID = 0
@@ -80,14 +78,14 @@ _BYTE_TO_CHAR = bytes_to_unicode()
 
 
 def clean_text(text: str) -> str:
-    """CLIP's cleanup: repair mojibake, unescape HTML twice, fold whitespace, lower-case.
+    """CLIP's cleanup: repair mojibake (ftfy), unescape HTML twice, fold whitespace, lower-case.
 
-    Printable ASCII without '&' is a fixed point of ftfy and html.unescape, and it is
-    most captions: it skips the slow part.
+    ftfy.fix_text is what OpenAI's CLIP and OpenCLIP apply, so "cafÃ©" becomes "café"
+    before BPE and both spellings get the same ids. Printable ASCII without '&' is a
+    fixed point of ftfy and html.unescape, and it is most captions: it skips the slow part.
     """
     if not (text.isascii() and text.isprintable() and "&" not in text):
-        if ftfy is not None:
-            text = ftfy.fix_text(text)
+        text = ftfy.fix_text(text)
         text = html.unescape(html.unescape(text))
     return " ".join(text.split()).lower()
 
