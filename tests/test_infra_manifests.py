@@ -107,6 +107,35 @@ def test_cluster_launcher_node_types(path):
     assert "/home/ray/.ray/auth_token" in config["file_mounts"]
 
 
+MLFLOW_HOST_FLAG = re.compile(r"--host[= ]+(\S+)")
+WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", "*", "0", ""}
+
+
+def mlflow_server_hosts(config: dict) -> list[str]:
+    """The --host of every `mlflow server` the launcher config starts, quotes stripped; None where none is given."""
+    commands = [cmd for key, cmds in config.items() if key.endswith("_commands") for cmd in cmds or []]
+    servers = [cmd.split("mlflow server", 1)[1] for cmd in commands if "mlflow server" in cmd]
+    return [match.group(1).strip("'\"") if (match := MLFLOW_HOST_FLAG.search(server)) else None for server in servers]
+
+
+@pytest.mark.parametrize("path", LAUNCHER_FILES, ids=lambda p: p.name)
+def test_launcher_mlflow_server_binds_no_wildcard_address(path):
+    # MLflow has no login here: a wildcard bind would serve every run to anyone who can reach the head.
+    config = yaml.safe_load(path.read_text())
+    hosts = mlflow_server_hosts(config)
+    assert hosts, f"{path.name} starts no `mlflow server`"
+    for host in hosts:
+        assert host is not None, f"{path.name}: `mlflow server` without an explicit --host"
+        assert host not in WILDCARD_HOSTS, f"{path.name}: `mlflow server --host {host}` listens on every interface"
+    # rank 0 logs from a worker node, so the server is on an address the workers' tracking URI names
+    assert hosts == ['$HEAD_IP']
+    assert any("MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in cmd for cmd in config["worker_start_ray_commands"])
+    wildcard = copy.deepcopy(config)
+    wildcard["head_start_ray_commands"] = [cmd.replace('--host "$HEAD_IP"', "--host 0.0.0.0")
+                                           for cmd in config["head_start_ray_commands"]]
+    assert mlflow_server_hosts(wildcard) == ["0.0.0.0"]
+
+
 def test_aws_and_gcp_share_everything_but_the_machines():
     aws, gcp = (yaml.safe_load(p.read_text()) for p in LAUNCHER_FILES)
     for key in ("docker", "file_mounts", "initialization_commands", "setup_commands", "head_setup_commands",
