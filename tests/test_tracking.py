@@ -3,6 +3,7 @@ down when training starts and goes away again in the middle of the run."""
 
 from __future__ import annotations
 
+import getpass
 import inspect
 import logging
 import os
@@ -28,7 +29,7 @@ from clip_ray.config import (
 )
 from clip_ray.model import build_model
 from clip_ray.tracking.figures import plot_history
-from clip_ray.tracking.run import flatten_params, resolve_tracking_uri
+from clip_ray.tracking.run import flatten_params, mlflow_run_link, resolve_tracking_uri, source_tags
 from clip_ray.tracking.tracker import NullTracker, Tracker, mlflow_metric_name
 
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
@@ -128,7 +129,8 @@ def test_local_store_records_the_whole_job(migrated_db, tmp_path):
     parent = client.create_run(sweep_experiment, run_name="sweep-parent")
     run_config = tiny_run_config() | {"notes": "n" * 7000}  # longer than MLflow's 6000-character limit
     config = TrackingConfig(tracking_uri=uri, experiment="elsewhere", run_name="trial-0",
-                            parent_run_id=parent.info.run_id, register_model_as="tiny-clip")
+                            parent_run_id=parent.info.run_id, register_model_as="tiny-clip",
+                            tags=source_tags("train"))  # as prepare_job sets them on the driver
     tracker = Tracker(config, run_config, flush_interval_s=0.2, system_metrics_interval_s=0.2)
 
     for step in range(30):
@@ -155,7 +157,11 @@ def test_local_store_records_the_whole_job(migrated_db, tmp_path):
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "trial-0"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert run.info.experiment_id == sweep_experiment
+    assert run.info.experiment_id == sweep_experiment == tracker.experiment_id
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert {key: run.data.tags.get(key) for key in config.tags} == {
+        "mlflow.source.name": "clip-ray train", "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser(),
+        "mlflow.source.git.commit": head}  # the tests run in the repository's checkout
     expected_params = flatten_params(run_config)
     assert len(expected_params) > 100  # more than one log_batch of params
     assert run.data.params == expected_params
@@ -346,3 +352,19 @@ def test_recall_at_k_names_become_valid_mlflow_names():
     _validate_metric_name(name)
     with pytest.raises(Exception):
         _validate_metric_name("val/image_to_text_R@5")
+
+
+def test_mlflow_run_link_opens_the_machine_learning_view():
+    assert (mlflow_run_link("http://mlflow.internal:5000/", "7", "abc123")
+            == "http://mlflow.internal:5000/#/experiments/7/runs/abc123?workflowType=machine_learning")
+    # A local store is browsed with `mlflow ui`, which listens on 127.0.0.1:5000.
+    assert (mlflow_run_link("sqlite:////tmp/x/mlflow.db", "0", "r1")
+            == "http://127.0.0.1:5000/#/experiments/0/runs/r1?workflowType=machine_learning")
+
+
+def test_source_tags_outside_a_git_checkout_have_no_commit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` sets for its entrypoint
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "my_job.py")])
+    assert source_tags() == {"mlflow.source.name": str(tmp_path / "my_job.py"), "mlflow.source.type": "JOB",
+                             "mlflow.user": getpass.getuser()}

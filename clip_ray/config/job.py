@@ -124,6 +124,9 @@ class TrackingConfig:
     run_name: str | None = None
     # Set by sweeps: the run becomes a child of this run.
     parent_run_id: str | None = None
+    # Tags set on the run when it is created. The driver adds MLflow's source tags (mlflow.source.name,
+    # mlflow.source.type, mlflow.user, mlflow.source.git.commit): a Ray worker's user and directory may differ.
+    tags: dict[str, str] = field(default_factory=dict)
     # Log the final model as an MLflow model (sweeps turn it off: their trials keep checkpoints).
     log_model: bool = True
     # Register the final model under this name in the model registry.

@@ -36,7 +36,7 @@ from clip_ray.data.formats import load_caption_csv, load_coco_captions, load_spl
 from clip_ray.driver.demo import DEFAULT_DATA_DIR, prepare_demo
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
 from clip_ray.storage import is_uri, list_shards, local_absolute, under
-from clip_ray.tracking.run import resolve_tracking_uri
+from clip_ray.tracking.run import resolve_tracking_uri, source_tags
 
 log = logging.getLogger("clip_ray.prepare")
 
@@ -74,6 +74,7 @@ def prepare_job(config: Config, demo_data_dir: str | Path = DEFAULT_DATA_DIR) ->
             setattr(config.eval, name, local_absolute(value))
     config.cluster.storage_path = local_absolute(config.cluster.storage_path)
     config.tracking.tracking_uri = resolve_tracking_uri(config.tracking)
+    config.tracking.tags = {**source_tags(), **config.tracking.tags}
     vocab_size = _trained_vocab_size(data.tokenizer)
     if vocab_size is not None:
         data.tokenizer = trained_tokenizer(config, vocab_size)

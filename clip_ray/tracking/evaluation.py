@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
 from clip_ray.config import TrackingConfig
-from clip_ray.tracking.run import log_new_params, resume_or_create_run
+from clip_ray.tracking.run import log_new_params, resume_or_create_run, source_tags
 from clip_ray.tracking.tracker import mlflow_metric_name
 
 # MLflow takes at most this many metrics (and tags) in one log_batch call.
@@ -29,7 +29,8 @@ def log_evaluation(uri: str, experiment: str, run_name: str, *, metrics: dict[st
     """Creates a finished run in `experiment` of the store at `uri` holding all of it; returns its id.
     `artifacts`: a folder whose files are logged as the run's artifacts."""
     client = MlflowClient(uri)
-    run = resume_or_create_run(client, TrackingConfig(experiment=experiment), uri, None, run_name)
+    # MLflow's source tags: evaluation runs on the driver, so this process's are the submitter's.
+    run = resume_or_create_run(client, TrackingConfig(experiment=experiment, tags=source_tags()), uri, None, run_name)
     run_id = run.info.run_id
     try:
         timestamp = int(time.time() * 1000)

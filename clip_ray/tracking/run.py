@@ -13,9 +13,12 @@ hand it to the workers, whose working directory differs.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,7 +77,7 @@ def resume_or_create_run(client, config: TrackingConfig, uri: str, run_id: str |
                 client.update_run(run_id, status="RUNNING")
             return run
         logger.warning("MLflow run %s is not in %s; starting a new run", run_id, uri)
-    tags = {}
+    tags = dict(config.tags)
     experiment_id = None
     if config.parent_run_id:
         parent = _get_or_none(client.get_run, config.parent_run_id)
@@ -125,8 +128,50 @@ def _get_or_none(get: Callable[[str], Any], key: str) -> Any:
         raise
 
 
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
 def mlflow_ui_hint(tracking_uri: str) -> str:
     """How a person opens the runs of this tracking URI."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
     return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI, in its machine-learning view: MLflow 3's UI opens an experiment
+    in the GenAI view (trace panels, no charts) unless the link says otherwise. A local store's link
+    is on the `mlflow ui` of mlflow_ui_hint."""
+    server = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{server}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def source_tags(command: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags of a job started by this process, read on the driver (a Ray
+    worker's user and working directory may differ): the script or `clip-ray <command>`, JOB under
+    `ray job submit` else LOCAL, the login name, and the git commit of the working directory if it
+    is a checkout. Nothing here fails: what cannot be found is left out."""
+    argv = sys.argv or [""]
+    program = Path(argv[0]).name
+    if command is None and program in ("clip-ray", "__main__.py") and len(argv) > 1:
+        command = argv[1]
+    tags = {"mlflow.source.name": f"clip-ray {command}" if command else str(Path(argv[0]).resolve()),
+            "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (a bare container)
+        pass
+    commit = _git_commit(Path.cwd())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(directory: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git installed, or it hangs
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and len(commit) == 40 else None
