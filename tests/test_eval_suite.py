@@ -8,7 +8,9 @@ tiny suite with a second checkpoint through the command line, into the same MLfl
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -213,10 +215,12 @@ def cli_run(outcome, workspace):
     path = workspace["root"] / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny))
     out = workspace["root"] / "cli-results"
-    status = main(["eval", str(workspace["other"]), "--suite", str(path), "--output", str(out),
-                   "--tracking-uri", workspace["uri"], "--experiment", EXPERIMENT,
-                   "--set", "tasks.cifar-zeroshot.images.max_per_class=3"])
-    return {"status": status, "out": out}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["eval", str(workspace["other"]), "--suite", str(path), "--output", str(out),
+                       "--tracking-uri", workspace["uri"], "--experiment", EXPERIMENT,
+                       "--set", "tasks.cifar-zeroshot.images.max_per_class=3"])
+    return {"status": status, "out": out, "printed": printed.getvalue()}
 
 
 def test_each_evaluation_is_one_mlflow_run_naming_its_model(outcome, cli_run, workspace):
@@ -238,6 +242,11 @@ def test_each_evaluation_is_one_mlflow_run_naming_its_model(outcome, cli_run, wo
     assert other["clip_ray.model.source"] == str(workspace["other"]) and other["clip_ray.model.step"] == "5"
     assert other["clip_ray.model.sha256"] != tags["clip_ray.model.sha256"]
     assert other["clip_ray.model.training_run_id"] == "trainingrun0001"
+    # The CLI prints a link to its run in the MLflow UI's machine-learning view, and the run carries the source tags.
+    link = (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{second.info.run_id}"
+            "?workflowType=machine_learning")
+    assert f"  this run: {link}\n" in cli_run["printed"], cli_run["printed"]
+    assert other["mlflow.source.type"] == "LOCAL" and other["mlflow.user"] and other["mlflow.source.name"]
     assert second.data.metrics["cifar-zeroshot/num_images"] == 30  # --set reached the task by its name
     assert second.data.metrics["cifar-zeroshot/skipped_images"] == 0
     assert set(second.data.metrics) == {f"cifar-zeroshot/{m}" for m in

@@ -107,6 +107,9 @@ def test_training_learns_and_reports_before_and_after(demo, tmp_path):
     assert final["zeroshot/chance_top1"] == pytest.approx(1 / 12)
     assert final["val/loss"] < before["val/loss"]
     assert result["mlflow_run_id"]
+    # The driver's summary names the run's experiment too: the CLI's link to the run is built from it.
+    logged = MlflowClient(config.tracking.tracking_uri).get_run(result["mlflow_run_id"])
+    assert result["mlflow_experiment_id"] == logged.info.experiment_id
     # The final checkpoint went through the context with the final metrics.
     assert context.reported[-1]["step"] == 30 and "val/loss" in context.reported[-1]
 

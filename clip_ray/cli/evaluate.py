@@ -78,11 +78,13 @@ def _write_json(path: str | None, metrics: dict) -> None:
 
 
 def run_suite(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+
     from clip_ray.config.suite import load_suite
     from clip_ray.driver.suite import evaluate_suite, model_short_id, prepare_suite
     from clip_ray.eval.report import suite_table
     from clip_ray.inference.models import resolve_model
-    from clip_ray.tracking.run import mlflow_ui_hint
+    from clip_ray.tracking.run import mlflow_run_link, mlflow_ui_hint
 
     suite = prepare_suite(load_suite(args.suite, args.overrides))  # a ConfigError: one line, exit 2 (cli.main)
     status, model, outcome = run_on_model(
@@ -97,5 +99,7 @@ def run_suite(args: argparse.Namespace) -> int:
     if outcome.run_id:
         print(f"MLflow run {outcome.run_id} in experiment {outcome.experiment!r} at {outcome.tracking_uri}")
         print(f"  to browse the runs: {mlflow_ui_hint(outcome.tracking_uri)}")
+        experiment_id = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
+        print(f"  this run: {mlflow_run_link(outcome.tracking_uri, experiment_id, outcome.run_id)}")
     _write_json(args.json_path, outcome.metrics)
     return 0

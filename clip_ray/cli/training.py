@@ -34,7 +34,7 @@ def print_train_summary(outcome, dataset=None) -> None:
     """What a person reads at the end of a job: before/after metrics, where the model and the run are."""
     from clip_ray.driver.demo import demo_report
     from clip_ray.eval.report import metrics_table
-    from clip_ray.tracking.run import mlflow_ui_hint
+    from clip_ray.tracking.run import mlflow_run_link, mlflow_ui_hint
 
     summary = outcome.summary
     resumed = f" (resumed at step {outcome.resumed_from_step})" if outcome.resumed_from_step is not None else ""
@@ -48,6 +48,9 @@ def print_train_summary(outcome, dataset=None) -> None:
     else:
         print(f"MLflow run: none, {outcome.tracking_uri} never answered (metrics are in the checkpoints)")
     print(f"  to browse the runs: {mlflow_ui_hint(outcome.tracking_uri)}")
+    if outcome.mlflow_run_id and outcome.mlflow_experiment_id:
+        link = mlflow_run_link(outcome.tracking_uri, outcome.mlflow_experiment_id, outcome.mlflow_run_id)
+        print(f"  this run: {link}")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -113,7 +113,8 @@ class TrainOutcome:
     tracking_uri: str
     resumed_from_step: int | None = None
     moved_aside_to: str | None = None
-    # run_training's return on rank 0: "before"/"final" metrics, step, epoch, samples_seen, mlflow_run_id.
+    # run_training's return on rank 0: "before"/"final" metrics, step, epoch, samples_seen,
+    # mlflow_run_id, mlflow_experiment_id.
     summary: dict = field(default_factory=dict)
 
     @property
@@ -127,6 +128,10 @@ class TrainOutcome:
     @property
     def mlflow_run_id(self) -> str | None:
         return self.summary.get("mlflow_run_id")
+
+    @property
+    def mlflow_experiment_id(self) -> str | None:
+        return self.summary.get("mlflow_experiment_id")
 
     @property
     def checkpoint_path(self) -> str | None:

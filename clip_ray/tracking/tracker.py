@@ -69,6 +69,7 @@ class NullTracker:
     """
 
     run_id: str | None = None
+    experiment_id: str | None = None
     model_uri: str | None = None
     model_version: str | None = None
 
@@ -150,7 +151,6 @@ class Tracker(NullTracker):
         self._end_status = "FINISHED"
         self._client = None
         self._run_ready = False
-        self._experiment_of_run: str | None = None
         self._unreachable = False
         self._last_step = 0
         self._warned: set[str] = set()
@@ -205,7 +205,7 @@ class Tracker(NullTracker):
             return
 
         def send(client) -> None:
-            self.model_uri = log_clip_model(client, self.uri, experiment_id=self._experiment_of_run,
+            self.model_uri = log_clip_model(client, self.uri, experiment_id=self.experiment_id,
                                             run_id=self.run_id, params=self.params, model=snapshot,
                                             example=example, name=name, step=step)
 
@@ -364,7 +364,7 @@ class Tracker(NullTracker):
         run = resume_or_create_run(client, self.config, self.uri, self.run_id, self.run_name)
         self.run_id = run.info.run_id  # a retry after a failure below resumes this run, never a second one
         log_new_params(client, run, self.params)
-        self._experiment_of_run = run.info.experiment_id
+        self.experiment_id = run.info.experiment_id
         self._run_ready = True
 
     def _send_metrics(self) -> None:

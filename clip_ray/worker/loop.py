@@ -110,7 +110,8 @@ def run_training(config: Config, context: WorkerContext) -> dict:
         run.tracker.close("FAILED", timeout_s=min(10.0, config.tracking.close_timeout_s))
         raise
     return {"before": run.history.get("before", {}), "final": run.history.get("final", {}),
-            **position.as_dict(), "mlflow_run_id": run.tracker.run_id}
+            **position.as_dict(), "mlflow_run_id": run.tracker.run_id,
+            "mlflow_experiment_id": run.tracker.experiment_id}
 
 
 def train_epoch(run: WorkerRun) -> None:
