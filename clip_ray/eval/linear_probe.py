@@ -8,10 +8,9 @@ refitted with that strength on the whole train split and scored once on the test
 Choosing C (sklearn's inverse strength, so a larger C regularises less): the paper's parametric binary
 search. A coarse log grid first (DEFAULT_C_GRID: 1e-6 to 1e6, a point every two decades), then rounds
 that halve the log step and try the two neighbours of the best C so far, until the step is 1/8 decade:
-7 + 8 fits instead of the 97 of a full grid at that resolution. Ties go to the lower validation
-cross-entropy, then the smaller C. Each fit starts from the solution of the nearest C already fitted
-(sklearn's warm start), which spares L-BFGS most of its iterations; the final refit starts cold, so it
-equals a direct sklearn call with the same C.
+7 + 8 fits instead of the 97 of a full grid at that resolution. Ties go to the smaller C. Each fit
+starts from the solution of the nearest C already fitted (sklearn's warm start), which spares L-BFGS most
+of its iterations; the final refit starts cold, so it equals a direct sklearn call with the same C.
 
 k-shot probes take the validation part out of the k examples of each class: a class with n >= 2
 examples lends max(1, round(n * val_fraction)) of them (at most n - 1). With one example per class
@@ -126,7 +125,7 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
         if len(val_rows):
             sweep = _sweep_c(fitter, train_x[fit_rows], train_y[fit_rows], train_x[val_rows], train_y[val_rows],
                              len(classes), c_grid, steps_per_decade, select_by)
-            c = _best_c(sweep)
+            c = _best_c(sweep.scores)
         else:
             log.info("linear probe: no class has two train rows to hold one out; C falls back to %g", fallback_c)
             sweep, c = _SweepScores(), fallback_c
@@ -222,25 +221,22 @@ class _Fitter:
 
 
 def _scores(model: LogisticRegression, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float]:
-    """classification_metrics of the model's class scores (classes it never saw score -inf), and `log_loss`."""
+    """classification_metrics of the model's class scores; classes it never saw score -inf."""
     logits = np.full((len(x), num_classes), -np.inf)
     logits[:, model.classes_] = model.predict_log_proba(x)
-    metrics = classification_metrics(torch.from_numpy(logits), torch.from_numpy(y))
-    return {**metrics, "log_loss": float(-logits[np.arange(len(y)), y].mean())}
+    return classification_metrics(torch.from_numpy(logits), torch.from_numpy(y))
 
 
 @dataclass
 class _SweepScores:
     scores: dict[float, float] = field(default_factory=dict)  # C -> the selection metric on the validation part
-    losses: dict[float, float] = field(default_factory=dict)  # C -> cross-entropy on it: breaks ties of the metric
     top1: dict[float, float] = field(default_factory=dict)
     models: dict[float, LogisticRegression] = field(default_factory=dict)
 
 
-def _best_c(sweep: "_SweepScores") -> float:
-    """The best-scoring C. Accuracy on a small validation part ties often (an easy task: every C scores 1.0), so
-    among equals the lowest validation cross-entropy wins, then the smallest C (the most regularised)."""
-    return max(sorted(sweep.scores), key=lambda c: (sweep.scores[c], -sweep.losses[c], -c))
+def _best_c(scores: dict[float, float]) -> float:
+    """The best-scoring C; among equals the smallest (the most regularised)."""
+    return max(sorted(scores), key=lambda c: (scores[c], -c))
 
 
 def _sweep_c(fitter: _Fitter, fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
@@ -255,7 +251,6 @@ def _sweep_c(fitter: _Fitter, fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.nd
         model = fitter.fit(fit_x, fit_y, c, start=sweep.models.get(nearest))
         metrics = _scores(model, val_x, val_y, num_classes)
         sweep.scores[c], sweep.top1[c], sweep.models[c] = metrics[select_by], metrics["top1"], model
-        sweep.losses[c] = metrics["log_loss"]
 
     grid = sorted({float(c) for c in c_grid})
     for c in grid:
@@ -265,7 +260,7 @@ def _sweep_c(fitter: _Fitter, fit_x: np.ndarray, fit_y: np.ndarray, val_x: np.nd
     step = max(math.log10(high / low) for low, high in zip(grid, grid[1:]))
     while step / 2 >= 1 / steps_per_decade - 1e-9:
         step /= 2
-        best = _best_c(sweep)
+        best = _best_c(sweep.scores)
         for c in (best * 10 ** -step, best * 10 ** step):
             if grid[0] * (1 - 1e-9) <= c <= grid[-1] * (1 + 1e-9):
                 score(c)
