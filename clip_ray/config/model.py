@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from clip_ray.config.dataclass_io import check
+from clip_ray.config.dataclass_io import check, to_dict
 
 
 @dataclass
@@ -74,6 +74,11 @@ class TextConfig:
                "must give the MLP at least one hidden unit")
 
 
+# ModelConfig fields about a training run rather than the network (see ModelConfig.architecture).
+TRAINING_ONLY_FIELDS = ("init_from", "lock_image", "lock_image_unlocked_blocks", "lock_image_freeze_bn_stats",
+                        "lock_text", "lock_text_unlocked_blocks")
+
+
 @dataclass
 class ModelConfig:
     """A whole CLIP model: both towers plus the joint embedding and temperature."""
@@ -91,8 +96,29 @@ class ModelConfig:
     init_logit_bias: float | None = None
     # Recompute each residual block in the backward pass (less memory, ~30% more compute).
     grad_checkpointing: bool = False
+    # Start training from these weights instead of a random init (ignored when the run resumes from its own
+    # checkpoint): an OpenAI/OpenCLIP state dict (.pt, TorchScript archive, .safetensors), a Hugging Face
+    # CLIPModel folder, a clip-ray checkpoint, run directory or model.pt, or an MLflow model; local or a URI.
+    # The architecture above stays authoritative: shapes must match, positional embeddings are resized.
+    init_from: str | None = None
+    # Freeze a tower (LiT locks the image tower): its parameters leave the optimiser and the gradient
+    # all-reduce. *_unlocked_blocks keeps the last N residual blocks (ResNet: stages) trainable, with
+    # what follows them (final norm, projection).
+    lock_image: bool = False
+    lock_image_unlocked_blocks: int = 0
+    # A locked ResNet's BatchNorm layers also stop updating their running statistics.
+    lock_image_freeze_bn_stats: bool = True
+    lock_text: bool = False
+    lock_text_unlocked_blocks: int = 0
+
+    def architecture(self) -> dict:
+        """The fields that decide what the network computes: without where training starts or what it
+        freezes, so a fine-tuned model and its starting point share an architecture digest."""
+        return {k: v for k, v in to_dict(self).items() if k not in TRAINING_ONLY_FIELDS}
 
     def validate(self, key: str = "model") -> None:
+        for name in ("lock_image_unlocked_blocks", "lock_text_unlocked_blocks"):
+            check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
         check(self.embed_dim > 0, f"{key}.embed_dim", self.embed_dim, "must be positive")
         check(self.init_logit_scale <= self.max_logit_scale, f"{key}.init_logit_scale",
                self.init_logit_scale, f"must not exceed max_logit_scale={self.max_logit_scale}")

@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from clip_ray.config import ModelConfig, TrackingConfig, from_dict, to_dict
+from clip_ray.config import ModelConfig, TrackingConfig, from_dict
 from clip_ray.model import model_config_from_state_dict
 from clip_ray.model.tokenizer import Tokenizer, load_tokenizer
 from clip_ray.storage import basename, is_uri, join, local_absolute, resolve
@@ -191,7 +191,7 @@ def file_sha256(path: str) -> str:
 
 def config_sha256(model_config: ModelConfig) -> str:
     """A digest of the architecture: two models with the same one compute in the same way."""
-    return hashlib.sha256(json.dumps(to_dict(model_config), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(model_config.architecture(), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
