@@ -13,6 +13,8 @@ command's words put in front.
     training.py  clip-ray train | sweep
     evaluate.py  clip-ray eval (a config's evaluation data, or a benchmark suite)
     embed.py     clip-ray embed | search
+    export.py    clip-ray export (OpenCLIP, Hugging Face, ONNX, safetensors)
+    finetune.py  clip-ray wise-ft (weight-space ensembles of a fine-tuning)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Sequence
 from clip_ray.cli.data import add_data_commands
 from clip_ray.cli.embed import add_embed_commands, add_search_commands
 from clip_ray.cli.evaluate import add_eval_commands
+from clip_ray.cli.export import add_export_commands
+from clip_ray.cli.finetune import add_wise_ft_commands
 from clip_ray.cli.training import add_sweep_commands, add_train_commands
 from clip_ray.config import ConfigError
 
@@ -38,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_commands(groups)
     add_embed_commands(groups)
     add_search_commands(groups)
+    add_export_commands(groups)
+    add_wise_ft_commands(groups)
     return parser
 
 

@@ -159,17 +159,52 @@ def _mlflow_model_config(metadata: dict | None, uri: str) -> ModelConfig:
     return from_dict(ModelConfig, metadata["model_config"])
 
 
+# What a pickled MLflow model leaves in its folder (mlflow.pytorch's default format, a pyfunc PythonModel).
+_PICKLED_MODEL_FILES = ("model.pth", "pickle_module_info.txt", "python_model.pkl")
+EXPORTED_PROGRAM_FILE = "data/model.pt2"
+
+
+def exported_program_file(model_dir: Path, uri: str) -> Path:
+    """The torch.export program in a downloaded clip-ray MLflow model; a pickled model is refused, since
+    loading it would run whatever code its pickle names."""
+    program = model_dir / EXPORTED_PROGRAM_FILE
+    if program.is_file():
+        return program
+    pickled = sorted(str(p.relative_to(model_dir)) for name in _PICKLED_MODEL_FILES for p in model_dir.rglob(name))
+    if pickled:
+        raise ModelSourceError(f"{uri}: a pickled MLflow model ({', '.join(pickled)}); clip-ray loads MLflow models "
+                               "only as a torch.export program (data/model.pt2) or as weights, because unpickling "
+                               "runs code. Log it with serialization_format='pt2', or give its state dict / "
+                               ".safetensors file instead")
+    raise ModelSourceError(f"{uri}: no {EXPORTED_PROGRAM_FILE} in this MLflow model: not one clip-ray logged")
+
+
+def load_exported_program(uri: str, tracking_uri: str) -> torch.export.ExportedProgram:
+    """The program of an MLflow model clip-ray logged, read with torch.export.load (no pickled code)."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="clip-ray-mlflow-model-") as scratch:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=tracking_uri)
+        return torch.export.load(exported_program_file(Path(local), uri))
+
+
+def exported_program_state_dict(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """The CLIP's weights in OpenAI's layout, out of the program logged around it (tracking/export.py)."""
+    prefix = "clip."
+    return {name.removeprefix(prefix): tensor.detach().float().clone() if tensor.is_floating_point() else tensor
+            for name, tensor in program.state_dict.items()}
+
+
 def load_mlflow_model(uri: str, tracking_uri: str, tokenizer: str | Tokenizer) -> ForwardOnlyClip:
     """An MLflow model logged by clip-ray, with the architecture its metadata records; `tokenizer`
     (a path or a loaded tokenizer) makes the blank caption the image tower is run beside."""
     import mlflow.models
-    import mlflow.pytorch
 
     from clip_ray.tracking.export import process_tracking_uri
 
     with process_tracking_uri(tracking_uri):
         model_config = _mlflow_model_config(mlflow.models.get_model_info(uri).metadata, uri)
-        forward_only = mlflow.pytorch.load_model(uri)
+    forward_only = load_exported_program(uri, tracking_uri).module()
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer, model_config.text.context_length)
     blank = tokenizer([""], context_length=model_config.text.context_length)
@@ -225,6 +260,13 @@ class ResolvedModel:
                     model = load_model_from_checkpoint(_local_copy(self.location, Path(scratch)),
                                                        **self.state_dict_options)
         return model.to(device).eval()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in OpenAI's layout (float32, CPU), for exporting, mixing or initialising a run; an
+        MLflow model's come out of its exported program."""
+        if self.kind == "mlflow":
+            return exported_program_state_dict(load_exported_program(self.location, self.tracking_uri))
+        return {name: tensor.detach().clone() for name, tensor in self.load().state_dict().items()}
 
     def identity(self) -> dict[str, Any]:
         """What an embedding file records about the model (JSON values)."""
