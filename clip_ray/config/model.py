@@ -75,7 +75,7 @@ class TextConfig:
 
 
 # ModelConfig fields about a training run rather than the network (see ModelConfig.architecture).
-TRAINING_ONLY_FIELDS = ("init_from", "lock_image", "lock_image_unlocked_blocks", "lock_image_freeze_bn_stats",
+TRAINING_ONLY_FIELDS = ("init_from", "init_from_towers", "lock_image", "lock_image_unlocked_blocks", "lock_image_freeze_bn_stats",
                         "lock_text", "lock_text_unlocked_blocks")
 
 
@@ -101,6 +101,9 @@ class ModelConfig:
     # CLIPModel folder, a clip-ray checkpoint, run directory or model.pt, or an MLflow model; local or a URI.
     # The architecture above stays authoritative: shapes must match, positional embeddings are resized.
     init_from: str | None = None
+    # Which towers take init_from's weights; the others (and the temperature, unless both) start fresh.
+    # LiT: "image", with lock_image.
+    init_from_towers: Literal["both", "image", "text"] = "both"
     # Freeze a tower (LiT locks the image tower): its parameters leave the optimiser and the gradient
     # all-reduce. *_unlocked_blocks keeps the last N residual blocks (ResNet: stages) trainable, with
     # what follows them (final norm, projection).
