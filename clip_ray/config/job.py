@@ -194,7 +194,8 @@ class Config:
             self.demo.validate()
         else:
             check(bool(self.data.train), "data.train", self.data.train, "needs at least one source")
-            check(bool(self.data.tokenizer), "data.tokenizer", self.data.tokenizer, "is required")
+            check(bool(self.data.tokenizer) or bool(self.model.init_from), "data.tokenizer", self.data.tokenizer,
+                  "is required (it may be left out with a model.init_from that records its tokenizer)")
         per_step = self.cluster.num_workers * self.train.accumulation_steps
         check(self.train.global_batch_size % per_step == 0, "train.global_batch_size",
                self.train.global_batch_size,

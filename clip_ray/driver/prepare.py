@@ -34,6 +34,7 @@ from clip_ray.config import Config, ConfigError, SourceConfig, to_dict
 from clip_ray.data.demo.synthetic import DemoDataset
 from clip_ray.data.formats import load_caption_csv, load_coco_captions, load_split, read_shard
 from clip_ray.driver.demo import DEFAULT_DATA_DIR, prepare_demo
+from clip_ray.driver.init_weights import prepare_initial_weights
 from clip_ray.model.tokenizer import load_tokenizer, train_bpe_tokenizer
 from clip_ray.storage import is_uri, list_shards, local_absolute, under
 from clip_ray.tracking.run import resolve_tracking_uri, source_tags
@@ -78,6 +79,8 @@ def prepare_job(config: Config, demo_data_dir: str | Path = DEFAULT_DATA_DIR) ->
     vocab_size = _trained_vocab_size(data.tokenizer)
     if vocab_size is not None:
         data.tokenizer = trained_tokenizer(config, vocab_size)
+    if config.model.init_from:
+        prepare_initial_weights(config)
     check_inputs(config)
     log.info("job %s prepared: tokenizer %s, storage %s, MLflow at %s", config.cluster.run_name, data.tokenizer,
              config.cluster.storage_path, config.tracking.tracking_uri)

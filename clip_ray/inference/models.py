@@ -183,8 +183,11 @@ def load_exported_program(uri: str, tracking_uri: str) -> torch.export.ExportedP
     """The program of an MLflow model clip-ray logged, read with torch.export.load (no pickled code)."""
     import mlflow.artifacts
 
+    from clip_ray.tracking.export import process_tracking_uri
+
     with tempfile.TemporaryDirectory(prefix="clip-ray-mlflow-model-") as scratch:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=tracking_uri)
+        with process_tracking_uri(tracking_uri):  # models:/ URIs are resolved against the process-wide URI
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
         return torch.export.load(exported_program_file(Path(local), uri))
 
 
@@ -257,7 +260,7 @@ class ResolvedModel:
                 if self.kind == "checkpoint":
                     model = load_model_from_checkpoint(checkpoint_directory(self.location, Path(scratch)))
                 else:
-                    model = load_model_from_checkpoint(_local_copy(self.location, Path(scratch)),
+                    model = load_model_from_checkpoint(local_copy(self.location, Path(scratch)),
                                                        **self.state_dict_options)
         return model.to(device).eval()
 
@@ -282,7 +285,7 @@ class ResolvedModel:
         }
 
 
-def _local_copy(path: str, scratch: Path) -> str:
+def local_copy(path: str, scratch: Path) -> str:
     """A local file holding `path` (itself when local)."""
     if not is_uri(path):
         return path
@@ -335,7 +338,7 @@ def _checkpoint_facts(location: str, scratch: Path) -> tuple[ModelConfig, str | 
 
 def _file_facts(path: str, scratch: Path, activation: str) -> tuple[ModelConfig, dict, dict]:
     """(model config, version, options for loading) of a model.pt or plain state dict file."""
-    local = _local_copy(path, scratch)
+    local = local_copy(path, scratch)
     payload = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
     version = {"weights_sha256": file_sha256(local)}
     if isinstance(payload, dict) and "state_dict" in payload and "model_config" in payload:
@@ -346,7 +349,7 @@ def _file_facts(path: str, scratch: Path, activation: str) -> tuple[ModelConfig,
     return _plain_state_dict_config(payload, activation), version, {"activation": activation}
 
 
-def _mlflow_facts(source: str, tracking_uri: str, scratch: Path) -> tuple[str, ModelConfig, str | None, dict]:
+def mlflow_facts(source: str, tracking_uri: str, scratch: Path) -> tuple[str, ModelConfig, str | None, dict]:
     """(the exact model URI, its config, its run's tokenizer folder or None, version) of an MLflow source."""
     import mlflow.artifacts
     import mlflow.models
@@ -403,7 +406,7 @@ def resolve_model(source: str, tokenizer: str | None = None, tracking_uri: str |
             from clip_ray.tracking.run import resolve_tracking_uri
 
             uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
-            location, model_config, own_tokenizer, version = _mlflow_facts(source, uri, Path(scratch))
+            location, model_config, own_tokenizer, version = mlflow_facts(source, uri, Path(scratch))
             run_id = version["run_id"]
         elif kind == "checkpoint":
             location = latest_checkpoint_location(source)

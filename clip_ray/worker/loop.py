@@ -36,6 +36,7 @@ from clip_ray.eval.background import BackgroundEvaluations
 from clip_ray.eval.evaluate import Evaluator
 from clip_ray.loss import build_loss
 from clip_ray.model import CLIP, build_model
+from clip_ray.model.initial_weights import fit_initial_weights, load_initial_weights, read_prepared_weights
 from clip_ray.model.tokenizer import Tokenizer, load_tokenizer
 from clip_ray.tracking.tracker import NullTracker, tracker_for_rank
 from clip_ray.worker.checkpoint import (
@@ -142,13 +143,20 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     """Model, optimiser and position: fresh, or restored exactly from the latest checkpoint."""
     device = context.device
     tokenizer = load_tokenizer(config.data.tokenizer, config.model.text.context_length)
-    model = build_model(config.model).to(device)
+    resume_dir = context.latest_checkpoint()
+    model = build_model(config.model)
+    if resume_dir is None and config.model.init_from:  # a resumed run has its own weights
+        initial = fit_initial_weights(read_prepared_weights(config.model.init_from), config.model,
+                                      config.model.init_from_towers)[0]
+        load_initial_weights(model, initial, config.model.init_from_towers)
+        if context.rank == 0:
+            log.info("initialised the %s tower(s) from %s", config.model.init_from_towers, config.model.init_from)
+    model = model.to(device)
     # DDP wraps the model; FSDP shards it in place, so the optimiser is built on the sharded parameters.
     train_model = wrap_for_training(model, config.train.strategy, device, config.train.precision)
     optimizer = build_optimizer(model, config.train, config.model)
     scaler = make_grad_scaler(config.train.precision, device.type)
     position, mlflow_run_id, data = DataPosition(), None, EpochData(config, context)
-    resume_dir = context.latest_checkpoint()
     if resume_dir is not None:
         # Mapped, not read: every rank needs the whole state (full state dicts), and a node's ranks share it.
         state = load_training_state(resume_dir, map_location="cpu", mmap=True)
