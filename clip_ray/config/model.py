@@ -122,6 +122,12 @@ class ModelConfig:
     def validate(self, key: str = "model") -> None:
         for name in ("lock_image_unlocked_blocks", "lock_text_unlocked_blocks"):
             check(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be >= 0")
+        # A ResNet's blocks, for locking, are its four stages (clip_ray/model/locking.py).
+        image_blocks = self.vision.layers if self.vision.arch == "vit" else len(self.vision.resnet_layers)
+        check(self.lock_image_unlocked_blocks <= image_blocks, f"{key}.lock_image_unlocked_blocks",
+              self.lock_image_unlocked_blocks, f"exceeds the image tower's {image_blocks} blocks")
+        check(self.lock_text_unlocked_blocks <= self.text.layers, f"{key}.lock_text_unlocked_blocks",
+              self.lock_text_unlocked_blocks, f"exceeds the text tower's {self.text.layers} blocks")
         check(self.embed_dim > 0, f"{key}.embed_dim", self.embed_dim, "must be positive")
         check(self.init_logit_scale <= self.max_logit_scale, f"{key}.init_logit_scale",
                self.init_logit_scale, f"must not exceed max_logit_scale={self.max_logit_scale}")

@@ -25,6 +25,8 @@ either, at any world size (`load_model_state`, `load_optimizer_state`).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -41,6 +43,8 @@ from clip_ray.model.resnet import AttentionPool2d, Bottleneck
 
 # The modules that become one FSDP unit each: gathered together, freed together.
 SHARDED_BLOCKS = (ResidualBlock, Bottleneck, AttentionPool2d)
+
+log = logging.getLogger(__name__)
 
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -135,10 +139,41 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
             raise ValueError("this checkpoint's optimizer state is keyed by position, which only an unsharded "
                              "model can load; resume it once with train.strategy=ddp to rewrite it")
         optimizer.load_state_dict(state)
-    elif isinstance(module, FSDPModule):
+        return
+    state = trainable_part(module, optimizer, state)
+    if isinstance(module, FSDPModule):
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(optimizer_state_by_position(module, optimizer, state))
+
+
+def trainable_part(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A name-keyed optimizer state cut to the parameters `optimizer` trains now.
+
+    They differ when a run resumes with other tower locks (model.lock_*) than its checkpoint was written
+    with: a parameter locked since drops its Adam moments, one unlocked since starts with fresh ones (as at
+    the start of a run), and a warning names both. The weights themselves always come back whole.
+    A name the model does not have at all is an error.
+    """
+    saved = [name for group in state["param_groups"] for name in group["params"]]
+    current = _param_names(module, optimizer)
+    if set(saved) == set(current):
+        return state
+    foreign = sorted(set(saved) - {name for name, _ in module.named_parameters()})
+    if foreign:
+        raise ValueError(f"optimizer state does not match the model: unknown parameters {foreign[:5]}")
+    locked_since, unlocked_since = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
+    log.warning("the checkpoint was written with other tower locks (model.lock_*): %d parameter tensors locked "
+                "since drop their optimizer state (%s), %d unlocked since start with a fresh one (%s)",
+                len(locked_since), ", ".join(locked_since[:3]), len(unlocked_since), ", ".join(unlocked_since[:3]))
+    saved_groups = {group.get("name"): group for group in state["param_groups"]}
+    position, groups = 0, []
+    for i, group in enumerate(optimizer.param_groups):  # each group's settings from the saved group of its name
+        names = current[position:position + len(group["params"])]
+        position += len(names)
+        groups.append({**(saved_groups.get(group.get("name")) or state["param_groups"][i]), "params": names})
+    return {"state": {name: value for name, value in state["state"].items() if name in set(current)},
+            "param_groups": groups}
 
 
 def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
