@@ -108,7 +108,8 @@ def model_config_from_hf(hf_config: dict, name: str = "hf") -> ModelConfig:
             layers=vision["num_hidden_layers"],
             head_width=_heads_to_head_width(vision["hidden_size"], vision["num_attention_heads"],
                                             "vision_config.num_attention_heads"),
-            mlp_ratio=_mlp_ratio(vision["hidden_size"], vision["intermediate_size"], "vision_config.intermediate_size")),
+            mlp_ratio=_mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
+                                 "vision_config.intermediate_size")),
         text=TextConfig(
             context_length=text["max_position_embeddings"], vocab_size=text["vocab_size"], width=text["hidden_size"],
             layers=text["num_hidden_layers"],
@@ -131,8 +132,9 @@ def _tower_key_map(config: ModelConfig) -> dict[str, str]:
         "positional_embedding": "text_model.embeddings.position_embedding.weight",
         "logit_scale": "logit_scale",
     }
-    for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
-                         ("ln_final", "text_model.final_layer_norm")):
+    norms = (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+             ("ln_final", "text_model.final_layer_norm"))
+    for ours, theirs in norms:
         for param in ("weight", "bias"):
             names[f"{ours}.{param}"] = f"{theirs}.{param}"
     for ours, theirs, layers in _towers(config):
@@ -299,7 +301,8 @@ def _special_ids(folder: Path, text: dict, vocab_size: int) -> dict[str, int | N
             ids["bos"], ids["eos"] = vocab_size - 2, vocab_size - 1
         return ids
     spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    token_ids = {**spec.get("model", {}).get("vocab", {}), **{e["content"]: e["id"] for e in spec.get("added_tokens", [])}}
+    token_ids = {**spec.get("model", {}).get("vocab", {}),
+                 **{entry["content"]: entry["id"] for entry in spec.get("added_tokens", [])}}
     settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
     for key in ids:
         token = settings.get(f"{key}_token")

@@ -60,7 +60,8 @@ def _check_settings(cfg: Mapping[str, Any], key: str, fixed: dict[str, tuple], f
     eps = (cfg.get("norm_kwargs") or {}).get("eps", LAYER_NORM_EPS)
     extra = set(cfg.get("norm_kwargs") or {}) - {"eps"}
     if extra or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-9):
-        raise ValueError(f"{key}.norm_kwargs={cfg.get('norm_kwargs')!r}: clip-ray's LayerNorms use eps {LAYER_NORM_EPS}")
+        raise ValueError(f"{key}.norm_kwargs={cfg.get('norm_kwargs')!r}: clip-ray's LayerNorms use eps "
+                         f"{LAYER_NORM_EPS}")
 
 
 def _square(value: Any, key: str) -> int:
