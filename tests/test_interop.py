@@ -117,8 +117,15 @@ def test_hf_folder_loads_with_equal_embeddings(tmp_path, flickr, clip_tokenizer,
     hf.save_pretrained(tmp_path, **({"max_shard_size": "200KB"} if shard else {}))
     assert (tmp_path / "model.safetensors.index.json").is_file() == shard
 
+    if not shard:  # the special tokens as a saved HF tokenizer names them; its pad is the end token
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a</w>": 320}},
+            "added_tokens": [{"id": 49406, "content": "<|startoftext|>"}, {"id": 49407, "content": "<|endoftext|>"}]}))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+            "bos_token": "<|startoftext|>", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|endoftext|>"}))
+
     state, config, facts = read_hf_folder(str(tmp_path))
     assert facts["eos_token_id"] == 49407 and facts["bos_token_id"] == 49406 and facts["vocab_size"] == 49408
+    assert facts["pad_token_id"] == (1 if shard else 49407)
     assert facts["legacy_argmax_pooling"] == (eos_token_id == 2)
     model = build_model(config).eval()
     model.load_state_dict(state, strict=True)
