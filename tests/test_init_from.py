@@ -108,7 +108,7 @@ def test_positional_embeddings_are_resized_as_openclip_resizes_them(openclip_fil
 
 def test_a_wrong_shape_or_a_missing_tensor_is_named(openclip_file, tmp_path):
     path, _ = openclip_file
-    with pytest.raises(ConfigError, match=r"visual\.proj has shape \(64, 48\), this model's is \(64, 40\)"):
+    with pytest.raises(ConfigError, match=r"tensor text_projection has shape \(64, 48\), this model's is \(64, 40\)"):
         prepare_initial_weights(_config(tmp_path, str(path), embed_dim=40))
     with pytest.raises(ConfigError, match=r"lack .*visual\.transformer\.resblocks\.2\."):
         prepare_initial_weights(_config(tmp_path, str(path), vision={"layers": 3}))
@@ -118,7 +118,7 @@ def test_the_tokenizer_must_match_the_weights(openclip_file, tmp_path):
     path, _ = openclip_file
     trained = train_bpe_tokenizer(["a dog on a beach", "two cats on a sofa"] * 20, vocab_size=300)
     trained.save(tmp_path / "tokenizer.json")
-    with pytest.raises(ConfigError, match=r"has 300 tokens, the text tower of model.init_from=.* 49408"):
+    with pytest.raises(ConfigError, match=r"has \d+ tokens, the text tower of model.init_from=.* 49408"):
         prepare_initial_weights(_config(tmp_path, str(path), tokenizer=str(tmp_path / "tokenizer.json")))
     # The image tower alone does not read token ids: LiT with a fresh text tower and its own tokenizer.
     config = _config(tmp_path, str(path), tokenizer=str(tmp_path / "tokenizer.json"), init_from_towers="image",
@@ -168,3 +168,30 @@ def test_a_pickled_mlflow_model_is_refused(tmp_path):
     config = _config(tmp_path, f"runs:/{run.info.run_id}/model")
     with pytest.raises(ModelSourceError, match="pickled MLflow model"):
         prepare_initial_weights(config)
+
+
+def test_a_hugging_face_clipmodel_folder_starts_the_run_with_its_embeddings(tmp_path):
+    """A transformers CLIPModel built from a config and saved: names and layouts converted, same embeddings."""
+    transformers = pytest.importorskip("transformers", reason="the export extra (pip install -e .[export])")
+    torch.manual_seed(0)
+    tower = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "hidden_act": "quick_gelu"}
+    hf = transformers.CLIPModel(transformers.CLIPConfig(
+        projection_dim=48,
+        text_config={**tower, "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                     "eos_token_id": 49407, "pad_token_id": 1},
+        vision_config={**tower, "image_size": 32, "patch_size": 8})).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    config = _config(tmp_path, str(tmp_path / "hf"))
+    prepare_initial_weights(config)
+    assert config.tracking.tags[f"{SOURCE_TAG}.kind"] == "huggingface"
+    model = _worker_model(config)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = load_tokenizer(CLIP_BPE, 77)(["a dog on a beach", "two cats"])
+    ours = _embeddings(model, images, tokens)
+    with torch.no_grad():
+        # transformers 5 returns an output whose pooler_output holds the projected features, 4.x the tensor
+        theirs = tuple(torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+                       for out in (hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=tokens)))
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=1e-5)

@@ -110,6 +110,9 @@ def test_training_learns_and_reports_before_and_after(demo, tmp_path):
     # The driver's summary names the run's experiment too: the CLI's link to the run is built from it.
     logged = MlflowClient(config.tracking.tracking_uri).get_run(result["mlflow_run_id"])
     assert result["mlflow_experiment_id"] == logged.info.experiment_id
+    # A clean run logs one data-failure metric, a flat zero: no all-zero chart per reason or per epoch.
+    failure_metrics = {key for key in logged.data.metrics if key.startswith(("data/", "epoch/data/"))}
+    assert failure_metrics == {"data/failures"} and logged.data.metrics["data/failures"] == 0
     # The final checkpoint went through the context with the final metrics.
     assert context.reported[-1]["step"] == 30 and "val/loss" in context.reported[-1]
 
@@ -187,3 +190,29 @@ def test_two_fsdp_workers_evaluate_in_the_background(uneven_demo, tmp_path):
     history = MlflowClient(config.tracking.tracking_uri).get_metric_history(run_id, "zeroshot/top1")
     assert sorted(m.step for m in history) == [0, 4, 8]
     assert summaries[0]["final"]["zeroshot/num_images"] == 48
+
+
+def test_a_run_from_pretrained_weights_with_a_locked_image_tower(demo, tmp_path):
+    """model.init_from + model.lock_image through the real loop: the run starts from the source's weights (the
+    driver prepares them), the locked image tower ends bit-identical to the source, the text tower moves."""
+    from clip_ray.config import to_dict
+    from clip_ray.driver.init_weights import prepare_initial_weights
+    from clip_ray.model import build_model
+
+    config = _config(demo, tmp_path, steps=3, **{"train.checkpoint_every": 0, "train.lr": 2e-3,
+                                                "model.lock_image": "true"})
+    torch.manual_seed(77)
+    source = build_model(config.model).state_dict()
+    torch.save({"state_dict": source, "model_config": to_dict(config.model)}, tmp_path / "pretrained.pt")
+    config.model.init_from = str(tmp_path / "pretrained.pt")
+    config.cluster.storage_path = str(tmp_path / "storage")
+    prepare_initial_weights(config)
+    result = run_training(config, WorkerContext(checkpoint_root=tmp_path / "ckpt"))
+    final = _final_weights(tmp_path / "ckpt")
+    image = [key for key in source if key.startswith("visual.")]
+    assert image and all(torch.equal(final[key], source[key]) for key in image)
+    moved = [key for key in source if key not in image and not torch.equal(final[key], source[key])]
+    assert "text_projection" in moved and "transformer.resblocks.0.attn.in_proj_weight" in moved
+    logged = MlflowClient(config.tracking.tracking_uri).get_run(result["mlflow_run_id"]).data
+    assert logged.metrics["model/locked_params"] == sum(source[key].numel() for key in image)
+    assert logged.tags["clip_ray.init_from"] == str(tmp_path / "pretrained.pt")

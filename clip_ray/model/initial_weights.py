@@ -113,7 +113,8 @@ def fit_initial_weights(weights: Mapping[str, torch.Tensor], target: ModelConfig
         if value.shape != shape:
             raise ConfigError(f"model.init_from: tensor {key} has shape {tuple(value.shape)}, this model's is "
                               f"{tuple(shape)} (check the model section against the weights)")
-        fitted[key] = value.detach().to(torch.float32) if value.is_floating_point() else value.detach()
+        value = value.detach().to(torch.float32) if value.is_floating_point() else value.detach()
+        fitted[key] = value.contiguous()  # safetensors stores whole tensors, not views
     return fitted, notes
 
 

@@ -37,6 +37,7 @@ from clip_ray.eval.evaluate import Evaluator
 from clip_ray.loss import build_loss
 from clip_ray.model import CLIP, build_model
 from clip_ray.model.initial_weights import fit_initial_weights, load_initial_weights, read_prepared_weights
+from clip_ray.model.locking import lock_towers
 from clip_ray.model.tokenizer import Tokenizer, load_tokenizer
 from clip_ray.tracking.tracker import NullTracker, tracker_for_rank
 from clip_ray.worker.checkpoint import (
@@ -59,8 +60,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _failure_metrics(counts: dict[str, FailureCounts]) -> dict[str, float]:
+    """data/failures, the samples skipped in all, and data/<reason> for each reason that happened: a dozen
+    all-zero charts per run would bury the training curves, so a clean run shows one flat zero."""
     total = sum(counts.values(), FailureCounts())
-    return total.as_metrics(prefix="data/")
+    by_reason = {f"data/{reason}": n for reason, n in sorted(total.failed.items()) if n}
+    return {"data/failures": total.num_failed, **by_reason}
 
 
 @dataclass
@@ -151,6 +155,10 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
         load_initial_weights(model, initial, config.model.init_from_towers)
         if context.rank == 0:
             log.info("initialised the %s tower(s) from %s", config.model.init_from_towers, config.model.init_from)
+    # Before the wrap and the optimiser: frozen parameters join neither the all-reduce nor the optimiser.
+    locks = lock_towers(model, config.model)
+    if context.rank == 0 and (config.model.lock_image or config.model.lock_text):
+        log.info("%s", locks)
     model = model.to(device)
     # DDP wraps the model; FSDP shards it in place, so the optimiser is built on the sharded parameters.
     train_model = wrap_for_training(model, config.train.strategy, device, config.train.precision)
@@ -175,6 +183,8 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     step_fn = TrainStep(train_model, optimizer, build_loss(config.train.loss), scaler, config.train, device)
     step_fn.total_nonfinite = position.nonfinite_steps
     tracker = tracker_for_rank(context.rank, config.tracking, to_dict(config), resume_run_id=mlflow_run_id)
+    tracker.log_metrics({"model/trainable_params": locks.trainable_params, "model/locked_params": locks.locked_params},
+                        position.step)
     evaluator = Evaluator(config, tokenizer, device, rank=context.rank, world_size=context.world_size)
     background = None
     if config.eval.mode == "async":
@@ -277,7 +287,9 @@ def end_epoch(run: WorkerRun) -> None:
     """The epoch's failure counts logged (a source failing too often raises DataError); on to the next."""
     position = run.position
     counts = run.data.failure_counts(position.epoch, final=True)
-    run.tracker.log_metrics({f"epoch/{k}": v for k, v in _failure_metrics(counts).items()}, position.step)
+    failures = _failure_metrics(counts)
+    if failures["data/failures"]:  # an epoch's exact tally, logged when there is one (absent: none)
+        run.tracker.log_metrics({f"epoch/{k}": v for k, v in failures.items()}, position.step)
     if position.batches_in_epoch == 0:
         raise DataError(f"epoch {position.epoch} gave no full batch of {run.data.batch_size} pairs "
                         "to every worker (each worker reads its own share of the epoch's shards)")
