@@ -468,7 +468,11 @@ def test_a_run_that_loses_a_trainer_node_the_data_node_and_its_driver_ends_as_if
     reference_info, reference = mlflow_history(runs, "reference")
     faulted_info, faulted = mlflow_history(runs, "faulted")
     assert reference_info.status == faulted_info.status == "FINISHED"
-    assert set(faulted) == set(reference)
+    # Data-failure counts are logged by reason only for reasons that happened: a lost node may add some.
+    failure_counts = ("data/", "epoch/data/")
+    assert {key for key in faulted if not key.startswith(failure_counts)} == \
+        {key for key in reference if not key.startswith(failure_counts)}
+    assert "data/failures" in reference and "data/failures" in faulted
     assert sorted(reference["train/loss"]) == list(range(1, STEPS + 1))
     compared = sorted(key for key in reference if not key.startswith(NOT_COMPARED))
     for key in compared:
