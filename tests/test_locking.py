@@ -118,6 +118,15 @@ def test_one_step_leaves_exactly_the_locked_tensors_bit_identical(case):
     assert "logit_scale" in moved, "the temperature belongs to neither tower and trains"
 
 
+@pytest.mark.parametrize("case", ["vit-image-locked", "resnet-image-last-stage"])
+def test_an_accumulated_step_keeps_the_same_tensors_locked(case):
+    """GradCache's three passes (and its BatchNorm roll-back) over a locked tower."""
+    preset, locks, stays = CASES[case]
+    accumulated = TrainConfig(precision="fp32", warmup_steps=0, lr=1e-3, accumulation_steps=2)
+    moved, keys = _moved_by_one_step(_config(preset, **locks), accumulated)
+    assert moved == {key for key in keys if not stays(key)}
+
+
 def test_an_unlocked_model_moves_everything():
     """Control for the cases above: without locks the same step changes every tensor, BatchNorm statistics too."""
     moved, keys = _moved_by_one_step(_config("rn-tiny"))
@@ -267,6 +276,20 @@ def _two_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
                 "reduced_names": sorted(names[i] for _, ids in record for i in ids),
                 "frozen_with_grad": [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None],
             }
+        # FSDP resuming that checkpoint with the last image block unlocked: its Adam state starts fresh.
+        state_dicts = full_state_dicts(model, step.optimizer)
+        if rank == 0:
+            save_training_state(os.path.join(out_dir, "ckpt"), model=model, optimizer=step.optimizer, step=1,
+                                state_dicts=state_dicts)
+        dist.barrier()
+        unlocked = _config("vit-tiny", lock_image=True, lock_image_unlocked_blocks=1)
+        model = _locked_model(unlocked)
+        step = _trainer(model, unlocked, wrapped=wrap_for_training(model, "fsdp", CPU))
+        restore_training_state(load_training_state(os.path.join(out_dir, "ckpt")), model, step.optimizer)
+        names = {id(p): name for name, p in model.named_parameters()}
+        results["fsdp-unlocked-on-resume"] = {"with_state": sorted(names[id(p)] for p in step.optimizer.state),
+                                              "skipped": step(images[local], texts[local]).skipped,
+                                              "after": full_state_dicts(model, step.optimizer)[0]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -292,3 +315,8 @@ def test_two_ranks_reduce_only_trainable_gradients_and_keep_the_locked_tower(tmp
     assert all(torch.equal(ddp_ranks[0][key], ddp_ranks[1][key]) for key in ddp_ranks[0]), "ranks agree"
     for key, value in ranks[0]["fsdp"]["after"].items():
         torch.testing.assert_close(value, ddp_ranks[0][key], rtol=1e-4, atol=1e-6, msg=f"FSDP vs DDP: {key}")
+    resumed = [rank["fsdp-unlocked-on-resume"] for rank in ranks]
+    assert all(r["with_state"] == trainable and not r["skipped"] for r in resumed)
+    saved, after = ranks[0]["fsdp"]["after"], resumed[0]["after"]
+    assert not torch.equal(after["visual.proj"], saved["visual.proj"]), "the unlocked head trains"
+    assert torch.equal(after["visual.conv1.weight"], saved["visual.conv1.weight"])

@@ -140,15 +140,21 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
                              "model can load; resume it once with train.strategy=ddp to rewrite it")
         optimizer.load_state_dict(state)
         return
-    state = trainable_part(module, optimizer, state)
+    state, unlocked_since = trainable_part(module, optimizer, state)
     if isinstance(module, FSDPModule):
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        # Not strict where parameters unlocked since have no saved state; torch then gives them a placeholder.
+        options = StateDictOptions(full_state_dict=True, strict=not unlocked_since)
+        set_optimizer_state_dict(module, optimizer, state, options=options)
+        params = dict(module.named_parameters())
+        for name in unlocked_since:  # fresh, as at the start of a run
+            optimizer.state.pop(params[name], None)
     else:
         optimizer.load_state_dict(optimizer_state_by_position(module, optimizer, state))
 
 
-def trainable_part(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """A name-keyed optimizer state cut to the parameters `optimizer` trains now.
+def trainable_part(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> tuple[dict, list[str]]:
+    """A name-keyed optimizer state cut to the parameters `optimizer` trains now, and the names it has no
+    state for.
 
     They differ when a run resumes with other tower locks (model.lock_*) than its checkpoint was written
     with: a parameter locked since drops its Adam moments, one unlocked since starts with fresh ones (as at
@@ -158,22 +164,27 @@ def trainable_part(module: nn.Module, optimizer: torch.optim.Optimizer, state: d
     saved = [name for group in state["param_groups"] for name in group["params"]]
     current = _param_names(module, optimizer)
     if set(saved) == set(current):
-        return state
+        return state, []
     foreign = sorted(set(saved) - {name for name, _ in module.named_parameters()})
     if foreign:
         raise ValueError(f"optimizer state does not match the model: unknown parameters {foreign[:5]}")
     locked_since, unlocked_since = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
-    log.warning("the checkpoint was written with other tower locks (model.lock_*): %d parameter tensors locked "
-                "since drop their optimizer state (%s), %d unlocked since start with a fresh one (%s)",
-                len(locked_since), ", ".join(locked_since[:3]), len(unlocked_since), ", ".join(unlocked_since[:3]))
+    if rank_and_world()[0] == 0:
+        changes = [f"{len(names)} parameter tensors {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                   for names, what in ((locked_since, "locked since drop their optimizer state"),
+                                       (unlocked_since, "unlocked since start with a fresh one"))
+                   if names]
+        log.warning("resuming with other tower locks (model.lock_*) than the checkpoint was written with: %s",
+                    "; ".join(changes))
     saved_groups = {group.get("name"): group for group in state["param_groups"]}
     position, groups = 0, []
     for i, group in enumerate(optimizer.param_groups):  # each group's settings from the saved group of its name
         names = current[position:position + len(group["params"])]
         position += len(names)
         groups.append({**(saved_groups.get(group.get("name")) or state["param_groups"][i]), "params": names})
-    return {"state": {name: value for name, value in state["state"].items() if name in set(current)},
-            "param_groups": groups}
+    keep = set(current)
+    return {"state": {name: value for name, value in state["state"].items() if name in keep},
+            "param_groups": groups}, unlocked_since
 
 
 def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
