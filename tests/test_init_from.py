@@ -195,3 +195,24 @@ def test_a_hugging_face_clipmodel_folder_starts_the_run_with_its_embeddings(tmp_
                        for out in (hf.get_image_features(pixel_values=images), hf.get_text_features(input_ids=tokens)))
     torch.testing.assert_close(ours[0], theirs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[1], theirs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_torchscript_archives_and_openclip_training_checkpoints_are_read(openclip_file, tmp_path):
+    """OpenAI's release format (a TorchScript archive, read without running it) and OpenCLIP's training
+    checkpoint ({"epoch", "state_dict" with DDP's "module." prefix, ...}) give the same prepared weights."""
+    path, reference = openclip_file
+    images, tokens = torch.randn(1, 3, 32, 32), torch.randint(1, 49000, (1, 77))
+    with torch.no_grad():
+        traced = torch.jit.trace_module(reference, {"encode_image": images, "encode_text": tokens}, check_trace=False)
+    torch.jit.save(traced, tmp_path / "ViT-tiny.pt")
+    torch.save({"epoch": 3, "name": "tiny", "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}},
+               tmp_path / "epoch_3.pt")
+    prepared = {}
+    for name, kind in (("ViT-tiny.pt", "torchscript"), ("epoch_3.pt", "state_dict")):
+        config = _config(tmp_path, str(tmp_path / name))
+        prepare_initial_weights(config)
+        assert config.tracking.tags[f"{SOURCE_TAG}.kind"] == kind
+        prepared[name] = read_prepared_weights(config.model.init_from)
+    for key, value in reference.state_dict().items():
+        if key != "attn_mask":
+            assert torch.equal(prepared["ViT-tiny.pt"][key], value) and torch.equal(prepared["epoch_3.pt"][key], value)

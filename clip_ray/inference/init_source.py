@@ -95,6 +95,7 @@ def _facts_from_weights(state_dict: dict, tokenizer_path: str | None = None) -> 
 
 def _read_state_dict_file(local: str) -> tuple[dict, ModelConfig | None, str]:
     """(weights, config or None, kind) of one local weights file."""
+    from clip_ray.model.interop.openclip import state_dict_from_openclip
     from clip_ray.model.interop.torchscript import is_torchscript_archive, read_torchscript_state_dict
 
     if local.endswith(".safetensors"):
@@ -104,18 +105,22 @@ def _read_state_dict_file(local: str) -> tuple[dict, ModelConfig | None, str]:
         config = from_dict(ModelConfig, json.loads(beside.read_text())) if beside.is_file() else None
         return load_file(local), config, "safetensors"
     if is_torchscript_archive(local):
-        return read_torchscript_state_dict(local), None, "torchscript"
+        # OpenCLIP's traced models keep their causal-mask buffer, which clip-ray computes instead
+        return state_dict_from_openclip(read_torchscript_state_dict(local)), None, "torchscript"
     try:
         payload = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # the unpickler's refusal names the global it met
         raise ConfigError(f"model.init_from={local!r}: not a weights file torch.load(weights_only=True) can read "
                           f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if isinstance(payload, dict) and "state_dict" in payload:  # clip-ray's model.pt, OpenCLIP's checkpoints
-        config = payload.get("model_config")
+    if isinstance(payload, dict) and "model_config" in payload and "state_dict" in payload:  # clip-ray's model.pt
+        config = payload["model_config"]
         return payload["state_dict"], from_dict(ModelConfig, config) if config else None, "state_dict"
-    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+    if not isinstance(payload, dict):
         raise ConfigError(f"model.init_from={local!r}: holds {type(payload).__name__}, not a state dict")
-    return payload, None, "state_dict"
+    try:  # a bare state dict, or an OpenCLIP training checkpoint (DDP/compile prefixes dropped)
+        return state_dict_from_openclip(payload), None, "state_dict"
+    except ValueError as err:
+        raise ConfigError(f"model.init_from={local!r}: not a state dict ({err})") from None
 
 
 def _read_file(source: str, scratch: Path) -> InitialWeights:

@@ -88,8 +88,8 @@ def fit_initial_weights(weights: Mapping[str, torch.Tensor], target: ModelConfig
     expected = build_model(target, device="meta").state_dict()
     taken = keys_taken(towers)
     wanted = {key: value for key, value in expected.items() if taken(key)}
-    # OpenAI's TorchScript archives carry scalars as entries; OpenCLIP trainings prefix DDP's "module.".
-    weights = {key.removeprefix("module."): value for key, value in weights.items()
+    # OpenAI's TorchScript archives carry scalars as entries.
+    weights = {key: value for key, value in weights.items()
                if key not in ("input_resolution", "context_length", "vocab_size")}
     missing = sorted(set(wanted) - set(weights))
     if missing:
