@@ -13,15 +13,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from clip_ray.config import ConfigError, ModelConfig, TrainConfig
+from clip_ray.config import ConfigError, ModelConfig, TrainConfig, load_config
 from clip_ray.config.presets import get_preset
 from clip_ray.loss import build_loss
 from clip_ray.model import build_model
+from clip_ray.driver.init_weights import prepare_initial_weights
+from clip_ray.model.initial_weights import fit_initial_weights, load_initial_weights, read_prepared_weights
 from clip_ray.model.locking import FrozenStatsBatchNorm2d, lock_towers
-from clip_ray.worker.checkpoint import load_training_state, restore_training_state, save_training_state
+from clip_ray.worker.checkpoint import (
+    export_openai_state_dict, load_training_state, restore_training_state, save_training_state,
+)
 from clip_ray.worker.optim import build_optimizer, make_grad_scaler, split_decay_names
 from clip_ray.worker.sharding import full_state_dicts, wrap_for_training
 from clip_ray.worker.step import TrainStep
+from repo_paths import REPO_ROOT
 from step_helpers import random_batch, run_on_two_ranks
 
 CPU = torch.device("cpu")
@@ -239,6 +244,32 @@ def test_a_locked_run_resumes_exactly_and_under_changed_locks(tmp_path, caplog):
     saved = _tensors(model)
     step(*second)
     assert all(torch.equal(value, saved[key]) for key, value in _tensors(model).items() if key.startswith("visual."))
+
+
+def test_the_lit_preset_trains_a_fresh_text_tower_against_a_locked_pretrained_image_tower(tmp_path):
+    """configs/flickr8k-lit-cpu.yaml, with a random vit-tiny's weights as the pretrained source: the driver's
+    preparation and the worker's init + lock (worker/loop.py start_run), then one real step."""
+    torch.manual_seed(123)
+    source = build_model(get_preset("vit-tiny"))
+    source_file = export_openai_state_dict(source, tmp_path / "pretrained.pt")
+    config = load_config(REPO_ROOT / "configs" / "flickr8k-lit-cpu.yaml",
+                         [f"model.init_from={source_file}", f"cluster.storage_path={tmp_path}"])
+    assert config.model.init_from_towers == "image" and config.model.lock_image and not config.model.lock_text
+    prepare_initial_weights(config)
+    torch.manual_seed(0)  # a text tower unlike the source's
+    model = build_model(config.model).train()
+    fitted = fit_initial_weights(read_prepared_weights(config.model.init_from), config.model, "image")[0]
+    load_initial_weights(model, fitted, "image")
+    summary = lock_towers(model, config.model)
+    assert summary.image.trainable_params == 0 and summary.text.locked_params == 0
+    pretrained = source.state_dict()
+    before = _tensors(model)
+    assert all(torch.equal(before[key], pretrained[key]) for key in before if key.startswith("visual."))
+    assert not torch.equal(before["token_embedding.weight"], pretrained["token_embedding.weight"]), "fresh text"
+    _trainer(model, config.model, config.train)(*random_batch(8, config.model))
+    after = _tensors(model)
+    assert all(torch.equal(after[key], pretrained[key]) for key in after if key.startswith("visual."))
+    assert not torch.equal(after["text_projection"], before["text_projection"])
 
 
 # --------------------------------------------------------------------------- two ranks
