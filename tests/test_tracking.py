@@ -129,7 +129,7 @@ def test_local_store_records_the_whole_job(migrated_db, tmp_path):
     parent = client.create_run(sweep_experiment, run_name="sweep-parent")
     run_config = tiny_run_config() | {"notes": "n" * 7000}  # longer than MLflow's 6000-character limit
     config = TrackingConfig(tracking_uri=uri, experiment="elsewhere", run_name="trial-0",
-                            parent_run_id=parent.info.run_id, register_model_as="tiny-clip",
+                            parent_run_id=parent.info.run_id, register_as="tiny-clip",
                             tags=source_tags("train"))  # as prepare_job sets them on the driver
     tracker = Tracker(config, run_config, flush_interval_s=0.2, system_metrics_interval_s=0.2)
 

@@ -129,8 +129,9 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
     # Log the final model as an MLflow model (sweeps turn it off: their trials keep checkpoints).
     log_model: bool = True
-    # Register the final model under this name in the model registry.
-    register_model_as: str | None = None
+    # Register the final model under this name in the model registry (a new version of it each run); the
+    # version is the pyfunc model that `mlflow models serve models:/NAME/VERSION` serves.
+    register_as: str | None = None
     log_system_metrics: bool = True
     # How long to wait before trying an unreachable server again.
     retry_interval_s: float = 30.0

@@ -45,7 +45,9 @@ from mlflow.utils.validation import _validate_metric_name
 from torch import nn
 
 from clip_ray.config import TrackingConfig
-from clip_ray.tracking.export import example_batch, log_clip_model, register_clip_model, snapshot_model
+from clip_ray.tracking.export import (
+    example_batch, log_clip_model, model_tokenizer, register_clip_model, snapshot_model,
+)
 from clip_ray.tracking.figures import plot_history
 from clip_ray.tracking.run import flatten_params, log_new_params, resolve_tracking_uri, resume_or_create_run
 from clip_ray.tracking.system_metrics import SystemProbes
@@ -84,7 +86,8 @@ class NullTracker:
 
     def log_model(self, model: nn.Module, input_example: tuple[torch.Tensor, torch.Tensor],
                   tokenizer_path: str | Path | None = None, name: str = "model") -> None:
-        """Snapshots the CLIP now; exports, uploads and (optionally) registers it in the background."""
+        """Snapshots the CLIP now; exports, uploads and (optionally) registers it in the background. With the
+        tokenizer it trained with, the model is also a python_function model that serves (tracking/pyfunc.py)."""
 
     def log_figures(self) -> None:
         """Draws loss/metric curves from everything logged so far and uploads them under plots/."""
@@ -204,20 +207,22 @@ class Tracker(NullTracker):
             logger.warning("MLflow: cannot copy the model for logging (%s); it is not logged", _short(err))
             return
 
+        tokenizer = model_tokenizer(tokenizer_path, snapshot.config.text.context_length)
+
         def send(client) -> None:
             self.model_uri = log_clip_model(client, self.uri, experiment_id=self.experiment_id,
                                             run_id=self.run_id, params=self.params, model=snapshot,
-                                            example=example, name=name, step=step)
+                                            example=example, name=name, step=step, tokenizer=tokenizer)
 
         def register(client) -> None:
             if self.model_uri is not None:  # else logging the model failed, and said so
-                self.model_version = register_clip_model(self.uri, self.model_uri, self.config.register_model_as)
+                self.model_version = register_clip_model(self.uri, self.model_uri, self.config.register_as)
 
         self._add_job(f"model {name}", send)
         if tokenizer_path is not None:
             self.log_artifact(tokenizer_path, "tokenizer")
-        if self.config.register_model_as:
-            self._add_job(f"registration {self.config.register_model_as}", register)
+        if self.config.register_as:
+            self._add_job(f"registration {self.config.register_as}", register)
 
     def log_figures(self) -> None:
         with self._lock:
