@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from clip_ray.config import ConfigError, TrackingConfig
-from clip_ray.driver.export_formats import WRITERS, ExportBundle, Written, read_safetensors_export
+from clip_ray.driver.export_formats import WRITERS, ExportBundle, Written
 from clip_ray.driver.export_onnx import DEFAULT_TOLERANCE, OnnxMismatch
 from clip_ray.inference.models import ResolvedModel
 from clip_ray.model.interop import UnsupportedExport
@@ -135,6 +135,7 @@ def _place(staged: Path, output: str, fmt: str) -> Path | None:
 
         fs, root = resolve(output)
         fs.delete_dir_contents(f"{root}/{fmt}", missing_dir_ok=True)
+        fs.create_dir(f"{root}/{fmt}", recursive=True)
         pafs.copy_files(str(staged), f"{root}/{fmt}", destination_filesystem=fs)
         return None
     target = Path(output) / fmt
@@ -230,17 +231,6 @@ def register_export(outcome: ExportOutcome, folders: dict[str, Path], name: str,
     return {"name": name, "version": str(version), "model_uri": f"models:/{name}/{version}",
             "model_id": logged.model_id, "run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri,
             "run_link": mlflow_run_link(uri, experiment_id, run_id)}
-
-
-def load_safetensors_export(folder: str | Path):
-    """(a clip-ray CLIP in eval mode, its tokenizer) from a folder `--to safetensors` wrote."""
-    from clip_ray.model import build_model
-    from clip_ray.model.tokenizer import load_tokenizer
-
-    config, state = read_safetensors_export(folder)
-    model = build_model(config, device="meta")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.float().eval(), load_tokenizer(folder, config.text.context_length)
 
 
 def export_summary(outcome: ExportOutcome) -> dict:

@@ -20,10 +20,9 @@ from clip_ray.data.stream.preprocess import CLIP_MEAN, CLIP_STD
 from clip_ray.driver.export_tokenizer import (
     CLIP_BPE_PADDING, DIFFERENCES, USAGE, write_transformers_tokenizer,
 )
+from clip_ray.inference.safetensors_export import SAFETENSORS_CONFIG, SAFETENSORS_WEIGHTS
 from clip_ray.model.tokenizer import TRAINED_FILENAME, ClipTokenizer, Tokenizer, TrainedBpeTokenizer
 
-SAFETENSORS_WEIGHTS = "model.safetensors"
-SAFETENSORS_CONFIG = "model_config.json"  # ModelConfig.architecture(); what init_from reads beside the weights
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
 OPENCLIP_CONFIG = "open_clip_config.json"  # {"model_cfg", "preprocess_cfg"}, as OpenCLIP's Hub repos hold
 PREPROCESSING = (f"RGB, the centre square resized to SxS (bicubic), pixels / 255, normalised with mean {CLIP_MEAN} "
@@ -94,26 +93,13 @@ def write_safetensors(bundle: ExportBundle, folder: Path) -> Written:
     files = [_save_safetensors(bundle.weights(), folder / SAFETENSORS_WEIGHTS),
              _json(folder / SAFETENSORS_CONFIG, architecture),
              *_clip_ray_tokenizer_files(bundle.tokenizer, folder)]
-    load = ("from clip_ray.driver.export import load_safetensors_export\n"
-            "model, tokenizer = load_safetensors_export('{folder}')  # a clip-ray CLIP in eval mode\n"
-            "# or: training from it, model.init_from: {folder}/model.safetensors")
+    load = ("from clip_ray.inference.safetensors_export import load_safetensors_export\n"
+            "from clip_ray.model.tokenizer import load_tokenizer\n"
+            "model = load_safetensors_export('{folder}')  # a clip-ray CLIP in eval mode, float32\n"
+            "tokenizer = load_tokenizer('{folder}', model.config.text.context_length)\n"
+            "# or start a training run from it: model.init_from: {folder}/model.safetensors")
     return Written(files, load, [f"weights in OpenAI's layout (the keys of OpenAI's and OpenCLIP's CLIP); "
                                  f"{SAFETENSORS_CONFIG} is clip-ray's ModelConfig"])
-
-
-def read_safetensors_export(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(architecture, float32 weights) of a folder `write_safetensors` wrote."""
-    from safetensors.torch import load_file
-
-    from clip_ray.config import from_dict
-
-    folder = Path(folder)
-    for name in (SAFETENSORS_WEIGHTS, SAFETENSORS_CONFIG):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}: not a folder `clip-ray export --to safetensors` wrote")
-    config = from_dict(ModelConfig, json.loads((folder / SAFETENSORS_CONFIG).read_text()))
-    state = {k: t.float() if t.is_floating_point() else t for k, t in load_file(folder / SAFETENSORS_WEIGHTS).items()}
-    return config, state
 
 
 # --------------------------------------------------------------------------- OpenCLIP

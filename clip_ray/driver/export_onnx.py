@@ -36,22 +36,16 @@ CHECK_CAPTIONS = ("a dog runs across the grass .", "Two children play football o
                   "a man in a red jacket climbs a steep rock face " * 8)
 
 
-class ImageEncoder(nn.Module):
-    def __init__(self, clip: nn.Module):
+class TowerEncoder(nn.Module):
+    """One tower of a CLIP as a module of its own: forward is the CLIP's `encode_image` or `encode_text`."""
+
+    def __init__(self, clip: nn.Module, method: str):
         super().__init__()
         self.clip = clip
+        self.method = method
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(images)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(tokens)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.clip, self.method)(inputs)
 
 
 class OnnxMismatch(RuntimeError):
@@ -92,7 +86,7 @@ def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, input_na
     batch = torch.export.Dim("batch", min=1)
     with _quiet_exporter():
         torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                          dynamic_shapes={input_name: {0: batch}}, dynamo=True, external_data=external, verbose=False)
+                          dynamic_shapes=({0: batch},), dynamo=True, external_data=external, verbose=False)
     return [path, *([path.with_name(path.name + ".data")] if external else [])]
 
 
@@ -126,8 +120,8 @@ def export_onnx(model: nn.Module, tokenizer: Tokenizer, folder: str | Path, *, t
     tokens = tokenizer(list(CHECK_CAPTIONS), context_length=model.config.text.context_length)
     files, checks = [], []
     for module, inputs, name, input_name, output_name in (
-            (ImageEncoder(model), images, IMAGE_ENCODER_FILE, "images", "image_features"),
-            (TextEncoder(model), tokens, TEXT_ENCODER_FILE, "tokens", "text_features")):
+            (TowerEncoder(model, "encode_image"), images, IMAGE_ENCODER_FILE, "images", "image_features"),
+            (TowerEncoder(model, "encode_text"), tokens, TEXT_ENCODER_FILE, "tokens", "text_features")):
         module.eval()
         # Traced on two rows (torch.export would fix a batch of one), checked on all of them.
         files += _export_graph(module, inputs[:2].clone(), folder / name, input_name, output_name)
