@@ -109,7 +109,8 @@ def vit_export(tmp_path_factory, photos, clip_merges):
     tokenizer = ClipTokenizer(clip_merges, config.text.context_length)
     files, captions, _ = photos
     images, tokens = pixels(files, config.vision.image_size), tokenizer(captions + ODD_CAPTIONS)
-    return {"status": status, "out": root / "out", "store": store, "model": model, "tokenizer": tokenizer,
+    return {"status": status, "checkpoint": checkpoint, "tokenizer_path": clip_merges, "out": root / "out",
+            "store": store, "model": model, "tokenizer": tokenizer,
             "images": images, "files": files, "tokens": tokens, "captions": captions + ODD_CAPTIONS,
             "expected": features(model, images, tokens), "summary": json.loads((root / "summary.json").read_text())}
 
@@ -178,7 +179,7 @@ def test_onnx_graphs_match_pytorch(vit_export):
     folder = vit_export["out"] / "onnx"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert [c["file"] for c in manifest["checks"]] == ["image_encoder.onnx", "text_encoder.onnx"]
-    assert all(c["max_abs_diff"] <= manifest["tolerance"] for c in manifest["checks"])
+    assert all(c["max_abs_diff"] <= manifest["tolerance"] and c["opset"] >= 17 for c in manifest["checks"])
     expected_images, expected_texts = vit_export["expected"]
     images = onnxruntime.InferenceSession(str(folder / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
     texts = onnxruntime.InferenceSession(str(folder / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
@@ -222,6 +223,8 @@ def test_registered_version_holds_the_files(vit_export, tmp_path):
     client = MlflowClient(vit_export["store"])
     version = client.get_model_version("tiny-vit", "1")
     assert version.run_id == registered["run_id"]
+    assert version.tags["clip_ray.formats"] == "openclip,hf,onnx,safetensors"
+    assert json.loads(version.tags["clip_ray.weights"])["step"] == 7
     run = client.get_run(version.run_id)
     assert run.data.tags["mlflow.source.name"] == "clip-ray export"
     assert run.data.params["formats"] == "openclip,hf,onnx,safetensors"
@@ -305,10 +308,25 @@ def test_onnx_check_failure_keeps_no_folder(tmp_path, trained_tokenizer, capsys)
 
 def test_transformers_tokenizer_files_give_clip_ray_ids(tmp_path, photos, clip_merges, trained_tokenizer):
     captions = photos[2] + ODD_CAPTIONS
-    for name, tokenizer in (("clip", ClipTokenizer(clip_merges, 77)), ("trained", load_tokenizer(trained_tokenizer, 32))):
+    for name, tokenizer in (("clip", ClipTokenizer(clip_merges, 77)),
+                            ("trained", load_tokenizer(trained_tokenizer, 32))):
         write_transformers_tokenizer(tokenizer, tmp_path / name)
         loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / name)
         batch = loaded(captions, padding="max_length", max_length=tokenizer.context_length, truncation=True,
                        return_tensors="pt")
         ids = batch.input_ids.masked_fill(batch.attention_mask == 0, tokenizer.pad_token_id)
         assert torch.equal(ids, tokenizer(captions)), name
+
+
+def test_bad_requests_are_one_line_errors(vit_export, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing-here"), "--to", "onnx", "--output", str(tmp_path / "out")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["export", str(vit_export["checkpoint"]), "--to", "onnx", "--output", str(tmp_path / "out"),
+                 "--onnx-tolerance", "-1"]) == 2  # the checkpoint names no tokenizer: the run's, else --tokenizer
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--tokenizer" in error
+    assert main(["export", str(vit_export["checkpoint"]), "--to", "onnx", "--output", str(tmp_path / "out"),
+                 "--onnx-tolerance", "-1", "--tokenizer", str(vit_export["tokenizer_path"])]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "onnx tolerance -1.0: must be >= 0" in error
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ the formats' files from clip_ray/driver/export_formats.py.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -39,12 +40,13 @@ log = logging.getLogger("clip_ray.driver.export")
 
 FORMATS = tuple(WRITERS)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the `export` extra
 MANIFEST_FILE = "manifest.json"
 README_FILE = "README.md"
 EXPORT_EXPERIMENT = "clip-ray-export"
 LOGGED_MODEL_NAME = "clip-ray-export"
-_TITLES = {"openclip": "OpenCLIP", "hf": "Hugging Face transformers CLIPModel", "onnx": "ONNX (image and text encoders)",
-           "safetensors": "safetensors (clip-ray's own layout)"}
+_TITLES = {"openclip": "OpenCLIP", "hf": "Hugging Face transformers CLIPModel",
+           "onnx": "ONNX (image and text encoders)", "safetensors": "safetensors (clip-ray's own layout)"}
 
 
 @dataclass
@@ -111,12 +113,19 @@ def _readme(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _check_request(formats: list[str], dtype: str, output: str, overwrite: bool) -> None:
+def _check_request(formats: list[str], dtype: str, onnx_tolerance: float, output: str, overwrite: bool) -> None:
     unknown = [fmt for fmt in formats if fmt not in WRITERS]
     if unknown or not formats:
         raise ConfigError(f"export formats {unknown or formats}: choose from {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if not onnx_tolerance >= 0:
+        raise ConfigError(f"onnx tolerance {onnx_tolerance}: must be >= 0")
+    if "onnx" in formats:
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"--to onnx needs {', '.join(missing)} (torch.onnx's exporter and the onnxruntime "
+                              "check): pip install 'clip-ray[export]'")
     if overwrite:
         return
     fs, root = resolve(output)
@@ -151,7 +160,7 @@ def export_model(model: ResolvedModel, formats: list[str], output: str, *, dtype
     """Writes `model` in each of `formats` under `output` (local or a URI); see the module docstring.
     A bad request (format, dtype, an existing folder without `overwrite`) is a ConfigError before any work."""
     formats = list(dict.fromkeys(formats))
-    _check_request(formats, dtype, output, overwrite)
+    _check_request(formats, dtype, onnx_tolerance, output, overwrite)
     started = time.perf_counter()
     bundle = ExportBundle(model.model_config, model.state_dict(), model.tokenizer, DTYPES[dtype], onnx_tolerance,
                           check_images)
@@ -224,6 +233,11 @@ def register_export(outcome: ExportOutcome, folders: dict[str, Path], name: str,
             client.log_model_artifacts(logged.model_id, str(folders[fmt]), fmt)
         client.finalize_logged_model(logged.model_id, "READY")
         version = register_clip_model(uri, f"models:/{logged.model_id}", name)
+        identity = outcome.model
+        for key, value in {"formats": ",".join(formats), "dtype": dtype, "source": identity["source"],
+                           "config_sha256": identity["config_sha256"],
+                           "weights": json.dumps(identity["version"], sort_keys=True)}.items():
+            client.set_model_version_tag(name, str(version), f"clip_ray.{key}", value)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise

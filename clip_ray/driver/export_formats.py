@@ -186,7 +186,8 @@ def write_hf(bundle: ExportBundle, folder: Path) -> Written:
     load = ("import transformers\n"
             "model = transformers.CLIPModel.from_pretrained('{folder}')\n"
             "processor = transformers.CLIPProcessor.from_pretrained('{folder}')\n"
-            "inputs = processor(text=texts, images=images, return_tensors='pt', padding='max_length', truncation=True)\n"
+            "inputs = processor(text=texts, images=images, return_tensors='pt', padding='max_length',\n"
+            "                   truncation=True)\n"
             "outputs = model(**inputs)  # outputs.image_embeds, outputs.text_embeds: unit norm")
     return Written(files, load, notes, extra={"eos_token_id": tokenizer.eot_token_id, "pad_token_id": pad_id})
 
@@ -209,7 +210,10 @@ def write_onnx(bundle: ExportBundle, folder: Path) -> Written:
             % (size, size, bundle.model_config.embed_dim, length))
     notes = [f"images: {PREPROCESSING.replace('SxS', f'{size}x{size}')}",
              f"tokens: [sot] ids [eot] then pad id {bundle.tokenizer.pad_token_id} up to {length}, as clip-ray's "
-             "tokenizer writes them (transformers can load the tokenizer files here; see its notes)",
+             "tokenizer writes them: clip_ray.model.tokenizer.load_tokenizer(folder)(texts)"
+             + (", or open_clip.tokenize(texts, context_length=%d)" % length
+                if isinstance(bundle.tokenizer, ClipTokenizer) else
+                "; transformers' PreTrainedTokenizerFast loads tokenizer.json here too (" + DIFFERENCES + ")"),
              "the graphs compute in float32 whatever --dtype the weight files have"]
     return Written(files, load, notes, [check.as_dict() for check in checks], {"tolerance": bundle.onnx_tolerance})
 

@@ -60,9 +60,11 @@ class GraphCheck:
     input: str
     batch: int
     max_abs_diff: float
+    opset: int
 
     def as_dict(self) -> dict:
-        return {"file": self.file, "input": self.input, "batch": self.batch, "max_abs_diff": self.max_abs_diff}
+        return {"file": self.file, "input": self.input, "batch": self.batch, "max_abs_diff": self.max_abs_diff,
+                "opset": self.opset}
 
 
 @contextlib.contextmanager
@@ -79,7 +81,8 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> list[Path]:
+def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
+                  output_name: str) -> list[Path]:
     """Writes one graph with a dynamic batch; returns its files (the graph, and its weights when external)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > _SINGLE_FILE_LIMIT
@@ -98,6 +101,13 @@ def _max_abs_diff(path: Path, input_name: str, inputs: torch.Tensor, expected: t
     if actual.shape != tuple(expected.shape):
         raise OnnxMismatch(f"{path.name}: onnxruntime gave shape {actual.shape}, PyTorch {tuple(expected.shape)}")
     return float(np.abs(actual - expected.numpy()).max())
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def check_images(image_size: int, count: int = 3, seed: int = 0) -> torch.Tensor:
@@ -126,7 +136,7 @@ def export_onnx(model: nn.Module, tokenizer: Tokenizer, folder: str | Path, *, t
         # Traced on two rows (torch.export would fix a batch of one), checked on all of them.
         files += _export_graph(module, inputs[:2].clone(), folder / name, input_name, output_name)
         difference = _max_abs_diff(folder / name, input_name, inputs, module(inputs))
-        checks.append(GraphCheck(name, input_name, len(inputs), difference))
+        checks.append(GraphCheck(name, input_name, len(inputs), difference, _opset(folder / name)))
         log.info("%s: onnxruntime vs PyTorch on %d rows: max abs difference %.3g", name, len(inputs), difference)
         if not difference <= tolerance:  # also catches NaN
             raise OnnxMismatch(f"{name}: onnxruntime's features differ from PyTorch's by {difference:.3g} "
