@@ -26,6 +26,7 @@ from clip_ray.data.stream.preprocess import center_square_box, normalize
 from clip_ray.driver.export import FORMATS
 from clip_ray.driver.export_tokenizer import write_transformers_tokenizer
 from clip_ray.inference.init_source import read_initial_weights
+from clip_ray.inference.models import resolve_model
 from clip_ray.inference.safetensors_export import load_safetensors_export
 from clip_ray.model import build_model
 from clip_ray.model.tokenizer import CLIP_VOCAB_SIZE, ClipTokenizer, load_tokenizer, train_bpe_tokenizer
@@ -196,6 +197,11 @@ def test_safetensors_folder_reads_back_into_clip_ray(vit_export):
     assert torch.equal(tokenizer(vit_export["captions"]), vit_export["tokens"])
     images, texts = features(model, vit_export["images"], vit_export["tokens"])
     expected_images, expected_texts = vit_export["expected"]
+    assert torch.equal(images, expected_images) and torch.equal(texts, expected_texts)
+    # The folder is a model source like any other (clip-ray eval, embed, wise-ft), with its own tokenizer.
+    resolved = resolve_model(str(folder))
+    assert resolved.kind == "safetensors" and resolved.tokenizer_path.startswith(str(folder))
+    images, texts = features(resolved.load(), vit_export["images"], vit_export["tokens"])
     assert torch.equal(images, expected_images) and torch.equal(texts, expected_texts)
 
 

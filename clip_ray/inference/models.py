@@ -5,6 +5,7 @@ A source is any of
 - a checkpoint directory (manifest.json + model.pt, clip_ray.worker.checkpoint), local or a URI;
 - a run directory: its latest complete checkpoint (locally the highest step anywhere under it;
   under a URI the one Ray Train's snapshot names);
+- a folder `clip-ray export --to safetensors` wrote (model.safetensors, model_config.json, tokenizer);
 - a model.pt file, or a plain OpenAI-layout state dict, whose shapes are read from the weights
   (the activation, which the weights do not say, is given);
 - an MLflow model that clip-ray logged (runs:/ID/model, models:/NAME/VERSION, models:/ID,
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 
 from clip_ray.config import ModelConfig, TrackingConfig, from_dict
+from clip_ray.inference.safetensors_export import load_safetensors_export, safetensors_export_files
 from clip_ray.model import model_config_from_state_dict
 from clip_ray.model.tokenizer import Tokenizer, load_tokenizer
 from clip_ray.storage import basename, is_uri, join, local_absolute, resolve
@@ -237,7 +239,7 @@ class ResolvedModel:
     """One model, pinned: what it is, where exactly its weights are, and its tokenizer. Picklable."""
 
     source: str  # as given (local paths made absolute)
-    kind: str  # "checkpoint" | "file" | "mlflow"
+    kind: str  # "checkpoint" | "file" | "mlflow" | "safetensors" (an exported folder)
     location: str  # the exact checkpoint directory, weights file or MLflow model URI
     model_config: ModelConfig
     tokenizer: Tokenizer
@@ -255,6 +257,8 @@ class ResolvedModel:
 
         if self.kind == "mlflow":
             model = load_mlflow_model(self.location, self.tracking_uri, self.tokenizer)
+        elif self.kind == "safetensors":
+            model = load_safetensors_export(self.location)
         else:
             with tempfile.TemporaryDirectory(prefix="clip-ray-model-") as scratch:
                 if self.kind == "checkpoint":
@@ -302,12 +306,22 @@ def _source_kind(source: str) -> str:
         return "mlflow"
     fs, inner = resolve(source)
     info = fs.get_file_info(inner)
+    if not is_uri(source) and _is_safetensors_export(source):
+        return "safetensors"
     if info.type == pafs.FileType.File:
         return "file"
     if info.type == pafs.FileType.Directory or (is_uri(source) and info.type == pafs.FileType.NotFound):
         return "checkpoint"  # object stores list a "folder" only by its contents
     raise ModelSourceError(f"{source}: no such file or folder (a model is a checkpoint or run directory, a "
                            "model.pt or state dict file, or an MLflow model URI)")
+
+
+def _is_safetensors_export(path: str) -> bool:
+    try:
+        safetensors_export_files(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _plain_state_dict_config(state_dict: dict, activation: str) -> ModelConfig:
@@ -378,6 +392,13 @@ def mlflow_facts(source: str, tracking_uri: str, scratch: Path) -> tuple[str, Mo
     return exact, model_config, tokenizer, {"model_id": model_id, "run_id": info.run_id}
 
 
+def _folder_tokenizer(folder: Path) -> str | None:
+    try:
+        return tokenizer_file(str(folder))
+    except ModelSourceError:
+        return None
+
+
 def tokenizer_file(path: str) -> str:
     """The tokenizer file `path` names: itself, or the tokenizer.json / CLIP merges file in a folder."""
     candidate = Path(path)
@@ -408,6 +429,11 @@ def resolve_model(source: str, tokenizer: str | None = None, tracking_uri: str |
             uri = resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
             location, model_config, own_tokenizer, version = mlflow_facts(source, uri, Path(scratch))
             run_id = version["run_id"]
+        elif kind == "safetensors":  # what `clip-ray export --to safetensors` writes
+            weights, config_file = safetensors_export_files(source)
+            location, own_tokenizer = str(weights.parent), _folder_tokenizer(weights.parent)
+            model_config = from_dict(ModelConfig, json.loads(config_file.read_text()))
+            version = {"weights_sha256": file_sha256(str(weights))}
         elif kind == "checkpoint":
             location = latest_checkpoint_location(source)
             model_config, own_tokenizer, version, run_id = _checkpoint_facts(location, Path(scratch))
