@@ -1,7 +1,7 @@
 """`clip-ray wise-ft`: weight-space mixtures of a small CLIP before and after a short training on real Flickr8k
 photos, on a real local Ray cluster and a real MLflow store on disk.
 
-The initial model is the small CLIP's random init (a model.pt file), the fine-tuned one the same init after 60
+The initial model is the small CLIP's random init (a model.pt file), the fine-tuned one the same init after 20
 steps (a run directory). One command-line run mixes them at alphas 0, 0.5 and 1 and scores each mixture on a
 Flickr8k test retrieval suite; the tests check the mixtures' weights and embeddings against the two models,
 the table against the MLflow run, and the saved best mixture against the mixing done here. A second, library
@@ -21,12 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flickr_embed_helpers import (
-    caption_folder,
-    flickr_captions,
-    split_names,
-    train_small_clip,
-)
+from flickr_embed_helpers import caption_folder, flickr_captions, split_names, train_small_clip
 from mlflow import MlflowClient
 
 from clip_ray.cli import main
@@ -34,13 +29,7 @@ from clip_ray.config import ConfigError, load_config, to_dict
 from clip_ray.data.formats import Sample, ShardWriter
 from clip_ray.data.stream.preprocess import normalize
 from clip_ray.driver.wise_ft import (
-    ConfigMixtures,
-    build_mixture,
-    check_alphas,
-    mix_state_dicts,
-    resolve_pair,
-    wise_ft,
-)
+    ConfigMixtures, build_mixture, check_alphas, mix_state_dicts, mixture_config, resolve_pair, wise_ft)
 from clip_ray.eval.evaluate import Evaluator
 from clip_ray.inference.models import resolve_model
 from clip_ray.model import build_model
@@ -50,8 +39,8 @@ from clip_ray.worker.checkpoint import load_training_state, save_training_state
 RAY_INIT_KWARGS = {"num_cpus": 2}
 pytestmark = pytest.mark.usefixtures("ray_cluster", "one_intra_op_thread")
 
-PHOTOS = 128  # train-split photos the small CLIP learns from
-STEPS = 40
+PHOTOS = 64  # train-split photos the small CLIP learns from
+STEPS = 20
 RETRIEVAL_PHOTOS = 24  # test-split photos the suite retrieves among (two captions each)
 ALPHAS = [0.0, 0.5, 1.0]
 EXPERIMENT = "wise-ft-test"
@@ -263,6 +252,16 @@ def test_models_with_other_tokenizers_are_refused(workspace, flickr8k_dir, capsy
                    "--finetuned", str(workspace["finetuned"].run_dir), "--suite", str(workspace["suite"])])
     error = capsys.readouterr().err
     assert status == 2 and "different tokenizers" in error and "other-tokenizer.json" in error
+
+
+def test_a_plain_state_dict_mixes_under_the_architecture_the_other_model_records(workspace):
+    plain = workspace["root"] / "plain-state-dict.pt"
+    torch.save(workspace["initial"].model.state_dict(), plain)  # no config: 64-wide heads and QuickGELU assumed
+    initial, finetuned = resolve_pair(str(plain), str(workspace["finetuned"].run_dir),
+                                      str(workspace["finetuned"].tokenizer))
+    assert initial.model_config.vision.head_width == 64 and finetuned.model_config.vision.head_width == 32
+    assert mixture_config(initial, finetuned) is finetuned.model_config
+    assert mixture_config(finetuned, initial) is finetuned.model_config  # whichever side records it
 
 
 @pytest.mark.parametrize("alphas, message", [("0,1.5", "1.5 is not in [0, 1]"),

@@ -10,7 +10,9 @@ import argparse
 import sys
 
 from clip_ray.cli.common import add_ray_arguments
-from clip_ray.cli.evaluate import MODEL_HELP
+
+SOURCE_HELP = ("a checkpoint or run directory, a model.pt or OpenAI-layout state dict file, or an MLflow model "
+               "(runs:/ID/model, models:/NAME/VERSION, models:/ID) or run, local or a URI")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -29,7 +31,8 @@ def add_wise_ft_commands(groups: argparse._SubParsersAction) -> None:
                     "table is printed; OUTPUT gets wise_ft.csv/.md/.json, each alpha's results and the best "
                     "mixture as a checkpoint (OUTPUT/best, loadable by clip-ray eval/embed and model.init_from); "
                     "one MLflow run holds every metric per alpha (at step round(100 * alpha)) and the best.")
-    command.add_argument("--initial", required=True, help=f"the model fine-tuning started from (alpha 0): {MODEL_HELP}")
+    command.add_argument("--initial", required=True,
+                         help=f"the model fine-tuning started from (alpha 0): {SOURCE_HELP}")
     command.add_argument("--finetuned", required=True,
                          help="the fine-tuned model (alpha 1): any source --initial takes")
     source = command.add_mutually_exclusive_group(required=True)
@@ -46,7 +49,8 @@ def add_wise_ft_commands(groups: argparse._SubParsersAction) -> None:
     command.add_argument("--output", default=None,
                          help="results folder (default: wise-ft-results/<fine-tuned model's short id>)")
     command.add_argument("--keep-mixtures", action="store_true",
-                         help="keep every mixture's model.pt under OUTPUT/alphas (suite only; default: the best only)")
+                         help="keep each mixture's model.pt under OUTPUT/alphas (suite only); the best is always "
+                              "saved, as OUTPUT/best")
     command.add_argument("--tokenizer", default=None,
                          help="tokenizer of both models (default: the one each recorded; they must be the same)")
     command.add_argument("--state-dict-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
