@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ import pytest
 import torch
 from flickr_embed_helpers import flickr_captions, split_names
 from local_cluster import free_ports
+from repo_paths import REPO_ROOT
 from mlflow.exceptions import MlflowException
 
 from clip_ray.config import ModelConfig, TextConfig, TrackingConfig, VisionConfig
@@ -119,6 +121,8 @@ def test_the_logged_model_is_a_pyfunc_model_that_embeds_photos_and_captions(logg
     assert out["image_embedding"][1] is None and out["text_embedding"][0] is None
     np.testing.assert_allclose(stacked(out["image_embedding"][[0, 2]]), images[[0, 2]], atol=ATOL, rtol=0)
     np.testing.assert_allclose(out["text_embedding"][1], texts[1], atol=ATOL, rtol=0)
+    out = pyfunc.predict({"text": logged["captions"][:2]})  # a dict of lists: a row per item
+    np.testing.assert_allclose(stacked(out["text_embedding"]), texts[:2], atol=ATOL, rtol=0)
     out = pyfunc.predict({"pixels": list(logged["pixels"][:3])})
     assert list(out.columns) == ["image_embedding"]
     np.testing.assert_allclose(stacked(out["image_embedding"]), images[:3], atol=ATOL, rtol=0)
@@ -203,6 +207,35 @@ def test_mlflow_models_serve_answers_with_the_checkpoints_embeddings_on_loopback
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)  # its own session: the uvicorn worker goes too
         server.wait()
+
+
+# Loads the model in a process where the installed clip-ray cannot be imported (its editable finder and the
+# repository are off the import path): what a clean serving environment with the model's requirements has.
+LOAD_WITHOUT_CLIP_RAY = textwrap.dedent("""
+    import importlib.util, json, sys
+    sys.meta_path = [finder for finder in sys.meta_path if "editable" not in repr(finder).lower()]
+    sys.path = [entry for entry in sys.path if entry not in ("", sys.argv[3])]
+    assert importlib.util.find_spec("clip_ray") is None, "clip_ray should not be importable here"
+    import mlflow.pyfunc
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    import clip_ray
+    out = model.predict({"text": json.loads(sys.argv[2])})
+    print(json.dumps({"clip_ray": clip_ray.__file__, "text_embedding": [v.tolist() for v in out["text_embedding"]]}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_model_carries_the_code_it_needs(logged, tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=logged["uri"])
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_CLIP_RAY, logged["model_uri"],
+                           json.dumps(logged["captions"]), str(REPO_ROOT)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert f"{os.sep}code{os.sep}clip_ray{os.sep}" in answer["clip_ray"] and str(REPO_ROOT) not in answer["clip_ray"]
+    np.testing.assert_allclose(np.array(answer["text_embedding"]), logged["text_embeddings"], atol=ATOL, rtol=0)
 
 
 def test_failure_metrics_are_one_total_and_the_reasons_that_happened():

@@ -173,7 +173,11 @@ class ClipEmbedder:
         if images is not None:
             out[IMAGE_EMBEDDING] = self._embed(images, len(rows), self._encode_images)
         if TEXT in rows:
-            out[TEXT_EMBEDDING] = self._embed(_present(rows[TEXT]), len(rows), self._encode_texts)
+            texts = _present(rows[TEXT])
+            wrong = {position: type(text).__name__ for position, text in texts.items() if not isinstance(text, str)}
+            if wrong:
+                raise _bad_input(f"{TEXT!r} must be a string; rows (position: type) {dict(list(wrong.items())[:10])}")
+            out[TEXT_EMBEDDING] = self._embed(texts, len(rows), self._encode_texts)
         empty = [str(i) for i, row in out.iterrows() if all(value is None for value in row)]
         if empty:
             raise _bad_input(f"rows {', '.join(empty[:10])} have no image, pixels or text")
@@ -239,7 +243,21 @@ def _as_frame(model_input: Any) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
     else:
         raise _bad_input(f"expected a DataFrame, a dict of columns or a list of rows, got {type(model_input).__name__}")
-    return frame.reset_index(drop=True)
+    return _row_per_item(frame.reset_index(drop=True))
+
+
+def _row_per_item(frame: pd.DataFrame) -> pd.DataFrame:
+    """MLflow's signature check turns a dict of string lists ({"text": ["a dog", "a cat"]}) into ONE row that holds
+    the lists; a caption or an encoded image is never a list, so such a row is spread back to a row per item."""
+    if len(frame) != 1 or PIXELS in frame:
+        return frame
+    cells = {name: frame[name].iloc[0] for name in frame.columns}
+    if not any(isinstance(cell, (list, tuple, np.ndarray)) for cell in cells.values()):
+        return frame
+    lengths = {name: len(cell) if isinstance(cell, (list, tuple, np.ndarray)) else None for name, cell in cells.items()}
+    if None in lengths.values() or len(set(lengths.values())) != 1:
+        raise _bad_input(f"columns given as lists must all be lists of one length, got {lengths}")
+    return pd.DataFrame({name: list(cell) for name, cell in cells.items()})
 
 
 def _missing(value: Any) -> bool:
