@@ -88,9 +88,10 @@ def wise_ft_command(workspace, *extra: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def cli_run(workspace):
+    """No --tokenizer: the initial model.pt records none and takes the fine-tuned run's."""
     status, printed, errors = wise_ft_command(
         workspace, "--suite", str(workspace["suite"]), "--alphas", ",".join(map(str, ALPHAS)),
-        "--tokenizer", str(workspace["finetuned"].tokenizer), "--output", str(workspace["output"]),
+        "--output", str(workspace["output"]),
         "--tracking-uri", workspace["uri"], "--experiment", EXPERIMENT, "--keep-mixtures")
     assert status == 0, errors
     summary = json.loads((workspace["output"] / "wise_ft.json").read_text())

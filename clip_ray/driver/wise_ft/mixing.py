@@ -5,6 +5,7 @@ See clip_ray.driver.wise_ft for what is compared and why.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +20,8 @@ from clip_ray.model import build_model
 from clip_ray.storage import is_uri
 from clip_ray.tracking.run import flatten_params
 from clip_ray.worker.checkpoint import save_training_state
+
+log = logging.getLogger("clip_ray.wise_ft")
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 # Each alpha is logged to MLflow at step round(STEP_SCALE * alpha): 0..100, the fine-tuned share in percent.
@@ -115,8 +118,26 @@ def mixture_config(initial: ResolvedModel, finetuned: ResolvedModel) -> ModelCon
 
 def resolve_pair(initial: str, finetuned: str, tokenizer: str | None = None, tracking_uri: str | None = None,
                  activation: str = "quick_gelu") -> tuple[ResolvedModel, ResolvedModel]:
-    """Both models pinned (see clip_ray.inference.models) and checked to be mixable."""
-    pair = tuple(resolve_model(source, tokenizer, tracking_uri, activation) for source in (initial, finetuned))
+    """Both models pinned (see clip_ray.inference.models) and checked to be mixable. `tokenizer` is both models';
+    without it each brings its own, and one that records none (a model.pt, a state dict) takes the other's."""
+    resolved, errors = {}, {}
+    for role, source in (("initial", initial), ("finetuned", finetuned)):
+        try:
+            resolved[role] = resolve_model(source, tokenizer, tracking_uri, activation)
+        except ModelSourceError as err:
+            errors[role] = (source, err)
+    if tokenizer is None and len(errors) == 1 and len(resolved) == 1:
+        (role, (source, error)), (other,) = errors.popitem(), resolved.values()
+        if is_uri(other.tokenizer_path) or other.tokenizer_path.startswith("runs:/"):
+            raise error
+        try:
+            resolved[role] = resolve_model(source, other.tokenizer_path, tracking_uri, activation)
+        except ModelSourceError:
+            raise error from None
+        log.info("%s names no tokenizer: using %s's, %s", source, other.source, other.tokenizer_path)
+    if errors:
+        raise next(iter(errors.values()))[1]
+    pair = resolved["initial"], resolved["finetuned"]
     check_compatible(*pair)
     return pair
 

@@ -161,7 +161,7 @@ def table_columns(outcome: WiseFtOutcome) -> list[str]:
 def results_table(outcome: WiseFtOutcome, markdown: bool = False) -> str:
     """One row per alpha: the metrics of the score, the score; the best row marked."""
     columns = table_columns(outcome)
-    rows = [[f"{alpha:.2f}{' *' if alpha == outcome.best_alpha else ''}",
+    rows = [[f"{alpha:.2f}{' *' if alpha == outcome.best_alpha else '  '}",
              *(f"{outcome.metrics[alpha].get(name, outcome.scores[alpha] if name == SCORE else float('nan')):.4f}"
                for name in columns)] for alpha in outcome.alphas]
     header = ["alpha", *columns]
