@@ -186,11 +186,12 @@ def load_exported_program(uri: str, tracking_uri: str) -> torch.export.ExportedP
     import mlflow.artifacts
 
     from clip_ray.tracking.export import process_tracking_uri
+    from clip_ray.tracking.pyfunc import load_pickle_free_program
 
     with tempfile.TemporaryDirectory(prefix="clip-ray-mlflow-model-") as scratch:
         with process_tracking_uri(tracking_uri):  # models:/ URIs are resolved against the process-wide URI
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
-        return torch.export.load(exported_program_file(Path(local), uri))
+        return load_pickle_free_program(exported_program_file(Path(local), uri))
 
 
 def exported_program_state_dict(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -363,8 +364,22 @@ def _file_facts(path: str, scratch: Path, activation: str) -> tuple[ModelConfig,
     return _plain_state_dict_config(payload, activation), version, {"activation": activation}
 
 
+def _bundled_tokenizer(info, scratch: Path) -> tuple[str | None, str | None]:
+    """(the downloaded tokenizer file inside a logged model, its artifact URI), or Nones for a model logged
+    without one; its metadata names the file (tracking/pyfunc.py)."""
+    import mlflow.artifacts
+
+    inside = (info.metadata or {}).get("tokenizer")
+    if not inside:
+        return None, None
+    # Not models:/ID/PATH, which MLflow 3.17 reads as a registered model's name: the model's own artifact folder.
+    where = f"{info.artifact_path.rstrip('/')}/{inside}"
+    return mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(scratch / "bundled")), where
+
+
 def mlflow_facts(source: str, tracking_uri: str, scratch: Path) -> tuple[str, ModelConfig, str | None, dict]:
-    """(the exact model URI, its config, its run's tokenizer folder or None, version) of an MLflow source."""
+    """(the exact model URI, its config, its tokenizer (inside the model, else its run's artifact) or None,
+    version) of an MLflow source; the tokenizer is downloaded into `scratch`."""
     import mlflow.artifacts
     import mlflow.models
 
@@ -379,17 +394,18 @@ def mlflow_facts(source: str, tracking_uri: str, scratch: Path) -> tuple[str, Mo
             raise ModelSourceError(f"{source}: no MLflow model at {uri} in {tracking_uri} "
                                    f"({type(err).__name__}: {err})") from None
         model_config = _mlflow_model_config(info.metadata, uri)
-        tokenizer = None
-        if info.run_id:
+        model_id = getattr(info, "model_id", None)
+        exact = f"models:/{model_id}" if model_id else uri
+        tokenizer, where = _bundled_tokenizer(info, scratch)
+        if tokenizer is None and info.run_id:  # models logged before the tokenizer went inside them
             try:
                 tokenizer = mlflow.artifacts.download_artifacts(
                     run_id=info.run_id, artifact_path=MLFLOW_TOKENIZER_ARTIFACT, dst_path=str(scratch),
                     tracking_uri=tracking_uri)
+                where = f"runs:/{info.run_id}/{MLFLOW_TOKENIZER_ARTIFACT}/{basename(tokenizer_file(tokenizer))}"
             except Exception as err:  # no such artifact: the caller must name the tokenizer
                 log.info("%s: its run %s has no %s artifact (%s)", source, info.run_id, MLFLOW_TOKENIZER_ARTIFACT, err)
-    model_id = getattr(info, "model_id", None)
-    exact = f"models:/{model_id}" if model_id else uri
-    return exact, model_config, tokenizer, {"model_id": model_id, "run_id": info.run_id}
+    return exact, model_config, tokenizer, {"model_id": model_id, "run_id": info.run_id, "tokenizer_uri": where}
 
 
 def _folder_tokenizer(folder: Path) -> str | None:
@@ -448,7 +464,7 @@ def resolve_model(source: str, tokenizer: str | None = None, tracking_uri: str |
         loaded = load_tokenizer(path, model_config.text.context_length)
         digest = file_sha256(path)
         if tokenizer is None and kind == "mlflow":  # the downloaded copy goes with the scratch folder
-            path = f"runs:/{version['run_id']}/{MLFLOW_TOKENIZER_ARTIFACT}/{basename(path)}"
+            path = version["tokenizer_uri"]
     if loaded.vocab_size > model_config.text.vocab_size:
         raise ModelSourceError(f"tokenizer {path} has {loaded.vocab_size} tokens, the model of {source} "
                                f"only {model_config.text.vocab_size}: not the model's tokenizer")
