@@ -105,8 +105,9 @@ _PYFUNC_DISTRIBUTIONS = ("numpy", "pillow", "tokenizers", "ftfy", "regex", "pyar
 
 
 def save_clip_model(path: str, mlflow_model, *, clip: nn.Module, example: tuple[torch.Tensor, torch.Tensor],
-                    tokenizer: Tokenizer | None) -> None:
-    """The flavor save Model.log calls: the pt2 pytorch flavor, then (given the tokenizer) the pyfunc flavor."""
+                    tokenizer: Tokenizer | None, validate_serving_input: bool = False) -> None:
+    """The flavor save Model.log calls: the pt2 pytorch flavor, then (given the tokenizer) the pyfunc flavor.
+    `validate_serving_input` is Model.log's own option, which it passes on to the flavor too."""
     mlflow.pytorch.save_model(_ExportedClip(clip).eval(), path, mlflow_model=mlflow_model,
                               serialization_format="pt2", input_example=example, signature=_signature(example),
                               pip_requirements=requirements())
@@ -132,8 +133,11 @@ def log_clip_model(client, uri: str, *, experiment_id: str, run_id: str, params:
     # Model.log is what mlflow.pytorch.log_model calls too; its flavor here is save_clip_model (both flavors).
     flavor = types.SimpleNamespace(save_model=save_clip_model)
     with _FLUENT_URI_LOCK, process_tracking_uri(uri):
+        # No serving-input check: it would load a second copy of the model, onto the trainer's GPU where there is
+        # one, at the end of every run (tests/test_pyfunc_serving.py checks the flavor).
         info = Model.log(artifact_path=None, name=name, flavor=flavor, model_id=logged.model_id, run_id=run_id,
-                         step=step, metadata=metadata, clip=model, example=example, tokenizer=tokenizer)
+                         step=step, metadata=metadata, clip=model, example=example, tokenizer=tokenizer,
+                         validate_serving_input=False)
     return info.model_uri
 
 
