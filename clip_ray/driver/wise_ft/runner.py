@@ -167,7 +167,7 @@ def results_table(outcome: WiseFtOutcome, markdown: bool = False) -> str:
     header = ["alpha", *columns]
     if markdown:
         lines = [f"| {' | '.join(header)} |", f"| {' | '.join(['---:'] * len(header))} |"]
-        return "\n".join([*lines, *(f"| {' | '.join(row)} |" for row in rows)])
+        return "\n".join([*lines, *(f"| {' | '.join(cell.strip() for cell in row)} |" for row in rows)])
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header, *rows])
 
