@@ -46,6 +46,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_help: str) -> 
                              "(values are YAML; repeatable)")
 
 
+def add_tokenizer_arguments(parser, tokenizer_help: str = "the model's tokenizer.json or CLIP merges file "
+                            "(default: the one its training run recorded)") -> None:
+    """--tokenizer and --state-dict-activation: what a model source may not record about itself."""
+    parser.add_argument("--tokenizer", default=None, help=tokenizer_help)
+    parser.add_argument("--state-dict-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
+                        help="activation of a plain state dict, which does not record it (OpenAI's: quick_gelu)")
+
+
+def print_mlflow_run(outcome: Any) -> None:
+    """Where an evaluation-like command's MLflow run is: its id, how to browse, the link to it."""
+    from mlflow import MlflowClient
+
+    from clip_ray.tracking.run import mlflow_run_link, mlflow_ui_hint
+
+    print(f"MLflow run {outcome.run_id} in experiment {outcome.experiment!r} at {outcome.tracking_uri}")
+    print(f"  to browse the runs: {mlflow_ui_hint(outcome.tracking_uri)}")
+    experiment_id = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
+    print(f"  this run: {mlflow_run_link(outcome.tracking_uri, experiment_id, outcome.run_id)}")
+
+
 def print_summary(summary: dict, keys: Sequence[str]) -> None:
     print(json.dumps({key: summary[key] for key in keys}, indent=2))
 

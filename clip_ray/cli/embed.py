@@ -8,7 +8,8 @@ import json
 import sys
 
 from clip_ray.cli.common import (
-    SOURCE_FORMATS, add_ray_arguments, add_source_arguments, print_summary, run_on_model, source_from_args,
+    SOURCE_FORMATS, add_ray_arguments, add_source_arguments, add_tokenizer_arguments, print_summary, run_on_model,
+    source_from_args,
 )
 from clip_ray.config import EmbedConfig
 from clip_ray.data.formats.samples import DEFAULT_MAX_PIXELS
@@ -21,13 +22,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool) -> None
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=required, default=None,
                        help=MODEL_HELP + ("" if required else " (default: the model the files record)"))
-    model.add_argument("--tokenizer", default=None,
-                       help="the model's tokenizer.json or CLIP merges file (default: the one its training run "
-                            "recorded)")
+    add_tokenizer_arguments(model)
     model.add_argument("--tracking-uri", default=None, help="MLflow server of an MLflow model "
                                                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    model.add_argument("--state-dict-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
-                       help="activation of a plain state dict, which does not record it (OpenAI's: quick_gelu)")
 
 
 def add_embed_commands(groups: argparse._SubParsersAction) -> None:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from clip_ray.cli.common import add_ray_arguments, run_on_model
+from clip_ray.cli.common import add_ray_arguments, add_tokenizer_arguments, print_mlflow_run, run_on_model
 
 MODEL_HELP = ("a checkpoint directory, a run directory (its latest checkpoint), a model.pt or OpenAI-layout state "
               "dict file (--suite), or an MLflow model (runs:/ID/model, models:/NAME/VERSION, models:/ID) or run")
@@ -42,10 +42,7 @@ def add_eval_commands(groups: argparse._SubParsersAction) -> None:
                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     suite.add_argument("--experiment", default=None, help="MLflow experiment (default: the suite's, clip-ray-eval)")
     suite.add_argument("--no-mlflow", action="store_true", help="write the results files only")
-    suite.add_argument("--tokenizer", default=None,
-                       help="the model's tokenizer file (default: the one its training run recorded)")
-    suite.add_argument("--state-dict-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
-                       help="activation of a plain state dict, which does not record it (OpenAI's: quick_gelu)")
+    add_tokenizer_arguments(suite)
     add_ray_arguments(evaluate)
     evaluate.set_defaults(run=run_eval)
 
@@ -78,13 +75,11 @@ def _write_json(path: str | None, metrics: dict) -> None:
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
 
     from clip_ray.config.suite import load_suite
     from clip_ray.driver.suite import evaluate_suite, model_short_id, prepare_suite
     from clip_ray.eval.report import suite_table
     from clip_ray.inference.models import resolve_model
-    from clip_ray.tracking.run import mlflow_run_link, mlflow_ui_hint
 
     suite = prepare_suite(load_suite(args.suite, args.overrides))  # a ConfigError: one line, exit 2 (cli.main)
     status, model, outcome = run_on_model(
@@ -97,9 +92,6 @@ def run_suite(args: argparse.Namespace) -> int:
     print(suite_table(outcome.rows, model_short_id(model)))
     print(f"Results: {outcome.output} ({', '.join(path.rsplit('/', 1)[-1] for path in outcome.files)})")
     if outcome.run_id:
-        print(f"MLflow run {outcome.run_id} in experiment {outcome.experiment!r} at {outcome.tracking_uri}")
-        print(f"  to browse the runs: {mlflow_ui_hint(outcome.tracking_uri)}")
-        experiment_id = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
-        print(f"  this run: {mlflow_run_link(outcome.tracking_uri, experiment_id, outcome.run_id)}")
+        print_mlflow_run(outcome)
     _write_json(args.json_path, outcome.metrics)
     return 0

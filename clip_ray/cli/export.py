@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from clip_ray.cli.common import add_tokenizer_arguments
 from clip_ray.cli.evaluate import MODEL_HELP
 
 FORMATS = ("openclip", "hf", "onnx", "safetensors")  # clip_ray.driver.export.FORMATS, without importing torch here
@@ -36,10 +37,7 @@ def add_export_commands(groups: argparse._SubParsersAction) -> None:
                         help="dtype of the weight files (default: %(default)s; ONNX graphs stay float32)")
     export.add_argument("--onnx-tolerance", type=float, default=1e-4,
                         help="largest abs difference of onnxruntime's features from PyTorch's (default: %(default)s)")
-    export.add_argument("--tokenizer", default=None,
-                        help="the model's tokenizer file (default: the one its training run recorded)")
-    export.add_argument("--state-dict-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
-                        help="activation of a plain state dict, which does not record it (OpenAI's: quick_gelu)")
+    add_tokenizer_arguments(export)
     export.add_argument("--tracking-uri", default=None,
                         help="MLflow store to read an MLflow model from and to register in "
                              "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clip_ray.cli.common import add_ray_arguments
+from clip_ray.cli.common import add_ray_arguments, add_tokenizer_arguments, print_mlflow_run
 
 SOURCE_HELP = ("a checkpoint or run directory, a model.pt or OpenAI-layout state dict file, or an MLflow model "
                "(runs:/ID/model, models:/NAME/VERSION, models:/ID) or run, local or a URI")
@@ -51,10 +51,7 @@ def add_wise_ft_commands(groups: argparse._SubParsersAction) -> None:
     command.add_argument("--keep-mixtures", action="store_true",
                          help="keep each mixture's model.pt under OUTPUT/alphas (suite only); the best is always "
                               "saved, as OUTPUT/best")
-    command.add_argument("--tokenizer", default=None,
-                         help="tokenizer of both models (default: the one each recorded; they must be the same)")
-    command.add_argument("--state-dict-activation", choices=["quick_gelu", "gelu"], default="quick_gelu",
-                         help="activation of a plain state dict, which does not record it (OpenAI's: quick_gelu)")
+    add_tokenizer_arguments(command, "tokenizer of both models (default: the one each recorded; they must be the same)")
     command.add_argument("--demo-data-dir", default="demo-data", help="demo data of a config with a demo section")
     tracking = command.add_argument_group("MLflow")
     tracking.add_argument("--tracking-uri", default=None,
@@ -87,13 +84,11 @@ def mixture_evaluation(args: argparse.Namespace, tokenizer_path: str):
 
 
 def run_wise_ft(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
 
     from clip_ray.data.formats import DataError
     from clip_ray.driver.wise_ft import DEFAULT_ALPHAS, check_alphas, resolve_pair, results_table, wise_ft
     from clip_ray.inference.models import ModelSourceError
     from clip_ray.ray_session import ray_session
-    from clip_ray.tracking.run import mlflow_run_link, mlflow_ui_hint
 
     alphas = check_alphas(args.alphas or DEFAULT_ALPHAS)  # a ConfigError: one line, exit 2 (cli.main)
     try:
@@ -117,8 +112,5 @@ def run_wise_ft(args: argparse.Namespace) -> int:
           f"{', '.join(outcome.selection)}): {outcome.best_model}")
     print(f"Results: {outcome.output} ({', '.join(path.rsplit('/', 1)[-1] for path in outcome.files)})")
     if outcome.run_id:
-        print(f"MLflow run {outcome.run_id} in experiment {outcome.experiment!r} at {outcome.tracking_uri}")
-        print(f"  to browse the runs: {mlflow_ui_hint(outcome.tracking_uri)}")
-        experiment_id = MlflowClient(outcome.tracking_uri).get_run(outcome.run_id).info.experiment_id
-        print(f"  this run: {mlflow_run_link(outcome.tracking_uri, experiment_id, outcome.run_id)}")
+        print_mlflow_run(outcome)
     return 0
