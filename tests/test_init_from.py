@@ -216,3 +216,11 @@ def test_torchscript_archives_and_openclip_training_checkpoints_are_read(opencli
     for key, value in reference.state_dict().items():
         if key != "attn_mask":
             assert torch.equal(prepared["ViT-tiny.pt"][key], value) and torch.equal(prepared["epoch_3.pt"][key], value)
+
+
+def test_a_uri_source_is_read_through_pyarrow(openclip_file, tmp_path):
+    path, reference = openclip_file
+    config = _config(tmp_path, f"file://{path}")
+    prepare_initial_weights(config)
+    prepared = read_prepared_weights(config.model.init_from)
+    assert all(torch.equal(prepared[key], value) for key, value in reference.state_dict().items() if key != "attn_mask")

@@ -245,3 +245,29 @@ def test_failure_metrics_are_one_total_and_the_reasons_that_happened():
     second = FailureCounts(ok=5, failed={"corrupt_image": 1, "unreadable_shard": 1})
     assert _failure_metrics({"a": first, "b": second}) == {
         "data/failures": 4, "data/corrupt_image": 3, "data/unreadable_shard": 1}
+
+
+def test_a_logged_model_starts_a_run_through_init_from(logged, tmp_path):
+    """model.init_from: runs:/ID/model gives the weights of its torch.export program, and a run that names no
+    tokenizer takes the one inside the model (checked token for token against the weights' vocabulary)."""
+    from clip_ray.config import load_config
+    from clip_ray.driver.init_weights import prepare_initial_weights
+    from clip_ray.model.initial_weights import read_prepared_weights
+
+    model = logged["model"]
+    arch = model.config
+    sets = [f"model.init_from=runs:/{logged['run_id']}/model", f"model.embed_dim={arch.embed_dim}",
+            *[f"model.vision.{k}={getattr(arch.vision, k)}" for k in ("image_size", "patch_size", "width", "layers",
+                                                                       "head_width")],
+            *[f"model.text.{k}={getattr(arch.text, k)}" for k in ("context_length", "vocab_size", "width", "layers",
+                                                                   "head_width")],
+            f"data.train=[{{path: '{tmp_path}'}}]", f"cluster.storage_path={tmp_path / 'storage'}",
+            f"tracking.tracking_uri={logged['uri']}"]
+    config = load_config(None, sets)
+    assert config.data.tokenizer == ""
+    prepare_initial_weights(config)
+    assert config.tracking.tags["clip_ray.init_from.kind"] == "mlflow"
+    assert config.data.tokenizer.startswith(str(tmp_path / "storage" / "tokenizers"))
+    prepared = read_prepared_weights(config.model.init_from)
+    expected = model.state_dict()
+    assert set(prepared) == set(expected) and all(torch.equal(prepared[k], expected[k]) for k in expected)
