@@ -20,7 +20,8 @@ import torch
 
 from clip_ray.config import Config
 from clip_ray.eval.evaluate import Evaluator
-from clip_ray.inference.models import checkpoint_directory, is_mlflow_uri, load_mlflow_model
+from clip_ray.inference.mlflow_models import is_mlflow_uri, load_mlflow_model
+from clip_ray.inference.models import checkpoint_directory
 from clip_ray.model.tokenizer import load_tokenizer
 from clip_ray.worker.checkpoint import load_model_from_checkpoint
 

@@ -24,10 +24,11 @@ import pyarrow.fs as pafs
 import torch
 
 from clip_ray.config import ConfigError, ModelConfig, from_dict
-from clip_ray.inference.models import (
-    ModelSourceError, checkpoint_directory, exported_program_state_dict, is_mlflow_uri, load_exported_program,
-    local_copy, mlflow_facts, tokenizer_file,
+from clip_ray.inference.mlflow_models import (
+    exported_program_state_dict, is_mlflow_uri, load_exported_program, mlflow_facts,
 )
+from clip_ray.inference.models import checkpoint_directory
+from clip_ray.inference.sources import ModelSourceError, local_copy, tokenizer_file
 from clip_ray.model.tokenizer import CLIP_VOCAB_SIZE, Tokenizer, load_tokenizer
 from clip_ray.storage import basename, is_uri, join, local_absolute, resolve
 
