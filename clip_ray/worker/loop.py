@@ -183,8 +183,9 @@ def start_run(config: Config, context: WorkerContext) -> WorkerRun:
     step_fn = TrainStep(train_model, optimizer, build_loss(config.train.loss), scaler, config.train, device)
     step_fn.total_nonfinite = position.nonfinite_steps
     tracker = tracker_for_rank(context.rank, config.tracking, to_dict(config), resume_run_id=mlflow_run_id)
-    tracker.log_metrics({"model/trainable_params": locks.trainable_params, "model/locked_params": locks.locked_params},
-                        position.step)
+    if resume_dir is None:  # once per run: a resumed run keeps its locks (a change is warned about on restore)
+        tracker.log_metrics({"model/trainable_params": locks.trainable_params,
+                             "model/locked_params": locks.locked_params}, position.step)
     evaluator = Evaluator(config, tokenizer, device, rank=context.rank, world_size=context.world_size)
     background = None
     if config.eval.mode == "async":
