@@ -61,6 +61,7 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
     add_clip_score_arguments(curate)
     add_ray_arguments(curate)
     curate.set_defaults(run=run_curate)
+    add_queries_command(commands)
 
 
 # ClipScoreConfig field -> its flag, so a bad value's error names the flag.
@@ -161,6 +162,48 @@ def run_curate(args: argparse.Namespace) -> int:
         return status
     print_summary(report, ["pairs_seen", "kept", "dropped", "queries_matched", "duration_s"])
     return 0
+
+
+def add_queries_command(commands: argparse._SubParsersAction) -> None:
+    queries = commands.add_parser("queries", help="build a query list for curate from text: frequent words, "
+                                                  "high-PMI bigrams, your own lists")
+    add_source_arguments(queries)
+    # INPUT is optional here: a source's captions join the --text corpus.
+    next(a for a in queries._actions if a.dest == "input").nargs = "?"
+    queries.add_argument("--text", action="append", default=[],
+                         help="text file(s), one document or caption per line: path, glob or folder of .txt "
+                              "(repeatable)")
+    queries.add_argument("--extra-queries", action="append", default=[],
+                         help="a list to add: one query per line (titles, synsets) or a JSON list of strings "
+                              "(MetaCLIP's metadata.json); normalised as the matcher tokenizes (repeatable)")
+    queries.add_argument("--output", required=True, help="queries file, one per line (what curate --queries reads)")
+    queries.add_argument("--report", default=None, help="report JSON: queries per rule, corpus totals")
+    queries.add_argument("--min-word-count", type=int, default=None,
+                         help="keep words occurring this often (default: the paper's >= 100 in ~3B words of "
+                              "Wikipedia scaled to the corpus: max(2, round(100 x words / 3e9)))")
+    queries.add_argument("--min-bigram-count", type=int, default=None,
+                         help="keep bigrams occurring this often (default: the word threshold) ...")
+    queries.add_argument("--min-pmi", type=float, default=None,
+                         help="... whose PMI ln(p(ab) / (p(a) p(b))) is at least this (default: 3.0)")
+    add_ray_arguments(queries)
+    queries.set_defaults(run=run_queries)
+
+
+def run_queries(args: argparse.Namespace) -> int:
+    from clip_ray.config import ConfigError
+    from clip_ray.data.offline.queries import QueryOptions, queries_job
+
+    if not args.text and args.input is None and not args.extra_queries:
+        raise ConfigError("--text: give text files, an INPUT source or --extra-queries lists")
+    options = QueryOptions(min_word_count=args.min_word_count, min_bigram_count=args.min_bigram_count)
+    options.min_pmi = options.min_pmi if args.min_pmi is None else args.min_pmi
+    try:
+        options.validate()
+    except ValueError as err:
+        raise ConfigError(f"data queries: {err}") from None
+    source = source_from_args(args) if args.input is not None else None
+    return _run_data_job(args, "queries", lambda: queries_job(args.text, source, args.extra_queries, args.output,
+                                                              args.report, options), ["queries", "rules", "output"])
 
 
 def _run_data_job(args: argparse.Namespace, name: str, job, summary_keys: Sequence[str]) -> int:
