@@ -20,9 +20,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 SOURCE_FORMATS = ("webdataset", "parquet", "csv", "coco")
 
 
-def add_source_arguments(parser: argparse.ArgumentParser, formats: Sequence[str] = SOURCE_FORMATS) -> None:
+def add_source_arguments(parser: argparse.ArgumentParser, formats: Sequence[str] = SOURCE_FORMATS,
+                         required: bool = True) -> None:
     folder = "; for imagefolder the tree of class folders" if "imagefolder" in formats else ""
-    parser.add_argument("input", help="shard pattern, directory or URI; for csv/coco the dataset folder" + folder)
+    parser.add_argument("input", nargs=None if required else "?",
+                        help="shard pattern, directory or URI; for csv/coco the dataset folder" + folder)
     source = parser.add_argument_group("input")
     source.add_argument("--input-format", choices=list(formats), default="webdataset")
     source.add_argument("--captions-file", default="captions.csv",

@@ -167,9 +167,7 @@ def run_curate(args: argparse.Namespace) -> int:
 def add_queries_command(commands: argparse._SubParsersAction) -> None:
     queries = commands.add_parser("queries", help="build a query list for curate from text: frequent words, "
                                                   "high-PMI bigrams, your own lists")
-    add_source_arguments(queries)
-    # INPUT is optional here: a source's captions join the --text corpus.
-    next(a for a in queries._actions if a.dest == "input").nargs = "?"
+    add_source_arguments(queries, required=False)  # optional here: a source's captions join the --text corpus
     queries.add_argument("--text", action="append", default=[],
                          help="text file(s), one document or caption per line: path, glob or folder of .txt "
                               "(repeatable)")
