@@ -45,7 +45,11 @@ MIB = 2 ** 20
 ROWS_PER_SHARD = 10_000
 VOCAB_SIZE = 50_000
 ZIPF_EXPONENT = 1.1
-CAPTION_WORDS = (4, 16)  # inclusive range of words per caption
+CAPTION_WORDS = (3, 10)  # inclusive range of words per caption
+# Queries: the most frequent words (with short captions many pairs match nothing rarer, so the cap bites),
+# words at log-uniform ranks beyond RARE_FROM_RANK (each matches few pairs) and bigrams of frequent words.
+NUM_FREQUENT_QUERIES = 30
+RARE_FROM_RANK = 3_000
 NUM_WORD_QUERIES = 4_000
 NUM_BIGRAM_QUERIES = 1_000
 GOAL_RATIO = 1.2
@@ -111,11 +115,12 @@ def generate(work_dir: Path, size: int, seed: int) -> Path:
 
 
 def write_queries(work_dir: Path, seed: int) -> Path:
-    """Words at log-uniform frequency ranks (a few frequent, most rare) and bigrams of frequent words."""
+    """A few frequent words, many rare ones (log-uniform ranks) and bigrams of frequent words."""
     rng = np.random.default_rng([seed, 1])
     words = vocabulary(VOCAB_SIZE)
-    ranks = np.unique(np.geomspace(1, VOCAB_SIZE, NUM_WORD_QUERIES * 3).astype(np.int64) - 1)
-    ranks = rng.choice(ranks, size=min(NUM_WORD_QUERIES, len(ranks)), replace=False)
+    rare = np.unique(np.geomspace(RARE_FROM_RANK, VOCAB_SIZE, NUM_WORD_QUERIES * 3).astype(np.int64) - 1)
+    rare = rng.choice(rare, size=min(NUM_WORD_QUERIES - NUM_FREQUENT_QUERIES, len(rare)), replace=False)
+    ranks = np.concatenate([np.arange(NUM_FREQUENT_QUERIES), rare])
     pairs = rng.integers(0, 200, size=(NUM_BIGRAM_QUERIES * 2, 2))
     bigrams = list(dict.fromkeys(f"{words[a]} {words[b]}" for a, b in pairs if a != b))[:NUM_BIGRAM_QUERIES]
     path = work_dir / "queries.txt"
@@ -133,7 +138,8 @@ def rss_now_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def one_run(pairs_dir: str, queries: str, out_dir: str, cpus: int, cap: int, balance: str | None) -> dict:
+def one_run(pairs_dir: str, queries: str, out_dir: str, cpus: int, cap: int, balance: str | None,
+            dedup: bool) -> dict:
     """curate() once in this process, on a local Ray started here; what the driver used."""
     import ray
 
@@ -145,7 +151,7 @@ def one_run(pairs_dir: str, queries: str, out_dir: str, cpus: int, cap: int, bal
     ray.data.DataContext.get_current().enable_progress_bars = False
     source = SourceConfig(path=pairs_dir, format="parquet")
     fields = {"max_per_query": cap, "validate_images": False, "output_format": "parquet",
-              "samples_per_shard": ROWS_PER_SHARD, "overwrite": True}
+              "samples_per_shard": ROWS_PER_SHARD, "overwrite": True, "dedup_images": dedup}
     if balance is not None:
         fields["balance"] = balance
     options = CurateOptions(**fields)
@@ -164,8 +170,8 @@ def one_run(pairs_dir: str, queries: str, out_dir: str, cpus: int, cap: int, bal
 
 
 def run_in_fresh_process(pairs_dir: Path, queries: Path, out_dir: Path, cpus: int, cap: int,
-                         balance: str | None) -> dict:
-    point = json.dumps([str(pairs_dir), str(queries), str(out_dir), cpus, cap, balance])
+                         balance: str | None, dedup: bool) -> dict:
+    point = json.dumps([str(pairs_dir), str(queries), str(out_dir), cpus, cap, balance, dedup])
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--point", point], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -177,11 +183,11 @@ def run_in_fresh_process(pairs_dir: Path, queries: Path, out_dir: Path, cpus: in
 
 def balance_modes() -> list[str | None]:
     """Every balancing mode CurateOptions has; [None] (its only behaviour) before it had a choice."""
-    from clip_ray.data.offline.curate import CurateOptions
+    from clip_ray.data.offline import curate
 
-    if "balance" not in {f.name for f in dataclasses.fields(CurateOptions)}:
+    if "balance" not in {f.name for f in dataclasses.fields(curate.CurateOptions)}:
         return [None]
-    return ["rarest", "metaclip"]
+    return list(getattr(curate, "BALANCE_MODES", ("rarest", "metaclip")))
 
 
 # --------------------------------------------------------------------------- main
@@ -193,6 +199,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="num_cpus of the local Ray")
     parser.add_argument("--max-per-query", type=int, default=2_000,
                         help="the cap (rarest) or threshold t (metaclip); 2,000 bites at 100k and 1M")
+    parser.add_argument("--no-dedup", action="store_true",
+                        help="skip exact-duplicate image removal (a groupby with one group per pair: the slow step)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/curate-scale", help="generated data (cached) and outputs")
     parser.add_argument("--keep-output", action="store_true", help="keep the curated shards")
@@ -208,7 +216,7 @@ def main() -> None:
     queries = write_queries(work_dir, args.seed)
     modes = balance_modes()
     print(f"curate: {len(queries.read_text().splitlines())} queries, cap {args.max_per_query}, {args.cpus} CPUs, "
-          f"text-only pairs (validate_images off), a fresh driver and local Ray per run")
+          f"dedup {'off' if args.no_dedup else 'on'}, text-only pairs (validate_images off), a fresh driver and local Ray per run")
     header = (f"{'pairs':>9} {'balance':>9} {'seconds':>8} {'pairs/s':>8} {'/s/CPU':>7} {'heap MiB':>9} "
               f"{'RSS before':>10} {'RSS peak':>9} {'kept':>8}  fates")
     rows = []
@@ -221,7 +229,7 @@ def main() -> None:
         for mode in modes:
             out_dir = work_dir / f"out-{size}-{mode or 'default'}"
             r = run_in_fresh_process(work_dir / f"pairs-{size}", queries, out_dir, args.cpus, args.max_per_query,
-                                     mode)
+                                     mode, not args.no_dedup)
             if not args.keep_output:
                 shutil.rmtree(out_dir, ignore_errors=True)
             rate = r["pairs"] / r["seconds"]
