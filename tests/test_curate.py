@@ -11,7 +11,9 @@ import pytest
 
 from clip_ray.config import SourceConfig
 from clip_ray.data.formats import list_shards, load_split, read_shard
-from clip_ray.data.offline.curate import CurateOptions, QueryMatcher, cap_rank, curate
+from clip_ray.data.offline.balance import cap_rank
+from clip_ray.data.offline.curate import CurateOptions, curate
+from clip_ray.data.offline.matching import QueryMatcher
 
 QUERIES = ["cat", "red car", "dog", "T-shirt", "ice cream", "bird", "zebra", "Dog", ""]
 
@@ -115,9 +117,15 @@ def test_curation_report_counts_every_fate_exactly(curated):
     assert report["dropped"] == {"no_query_match": 8, "too_short": 2, "too_long": 1, "duplicate_image": 2,
                                  "over_cap": 2, "corrupt_image": 1, "empty_caption": 1}
     assert report["kept"] == report["samples_written"] == 11
+    # kept: on the query's own account (assigned to it, under the cap); kept_containing: s14 holds "cat" and
+    # s26 "red car", both kept for a rarer query.
     assert report["queries"] == {
-        "cat": {"matched": 4, "kept": 2}, "red car": {"matched": 3, "kept": 2}, "dog": {"matched": 5, "kept": 2},
-        "T-shirt": {"matched": 2, "kept": 2}, "ice cream": {"matched": 2, "kept": 2}, "bird": {"matched": 1, "kept": 1},
+        "cat": {"matched": 4, "kept": 2, "kept_containing": 3},
+        "red car": {"matched": 3, "kept": 2, "kept_containing": 3},
+        "dog": {"matched": 5, "kept": 2, "kept_containing": 2},
+        "T-shirt": {"matched": 2, "kept": 2, "kept_containing": 2},
+        "ice cream": {"matched": 2, "kept": 2, "kept_containing": 2},
+        "bird": {"matched": 1, "kept": 1, "kept_containing": 1},
     }
     assert report["num_queries"] == 7 and report["queries_matched"] == 6
 

@@ -19,7 +19,9 @@ from clip_ray.cli import main
 from clip_ray.config import SourceConfig
 from clip_ray.config.clip_score import ClipScoreConfig
 from clip_ray.data.formats import Sample, list_shards, load_caption_csv, load_split, read_shard
-from clip_ray.data.offline.curate import CurateOptions, QueryMatcher, cap_rank
+from clip_ray.data.offline.balance import cap_rank
+from clip_ray.data.offline.curate import CurateOptions
+from clip_ray.data.offline.matching import QueryMatcher
 from clip_ray.data.offline.score_filter import ScoreFilter, judge_scores, rank_scores, top_fraction_size
 from clip_ray.data.stream.preprocess import Preprocessor, normalize
 from clip_ray.driver.curate import curate_job
@@ -189,7 +191,7 @@ def test_the_cap_chooses_among_pairs_that_passed_the_score(with_queries_and_cap)
     assert report["dropped"] == {"no_query_match": 40 - dogs, "low_clip_score": dogs - len(run["survivors"]),
                                  "duplicate_image": 0, "over_cap": len(run["survivors"]) - 2, "too_short": 1,
                                  "corrupt_image": 1}
-    assert report["queries"] == {"dog": {"matched": dogs, "kept": 2}}
+    assert report["queries"] == {"dog": {"matched": dogs, "kept": 2, "kept_containing": 2}}
     assert report["pairs_seen"] == 42 == report["kept"] + sum(report["dropped"].values())
 
 

@@ -29,6 +29,32 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images count as too large")
 
 
+EVAL_FORMATS = ("imagefolder", "webdataset", "parquet", "csv", "coco")
+EVAL_SOURCE_KEYS = ("captions_file", "images_dir", "split_file", "image_column", "caption_column")
+
+
+def eval_images_from_spec(spec: str):
+    """The evaluation set a --exclude-images value names (see its help); ConfigError naming the value if malformed."""
+    from clip_ray.config import ConfigError, SourceConfig
+    from clip_ray.data.offline.overlap import EvalImages
+
+    kind, colon, rest = spec.partition(":")
+    path, *options = rest.split(",")
+    if not colon or kind not in EVAL_FORMATS or not path:
+        raise ConfigError(f"--exclude-images {spec!r}: expected FORMAT:PATH[,KEY=VALUE...] with FORMAT one of "
+                          f"{', '.join(EVAL_FORMATS)}")
+    fields = {}
+    for option in options:
+        key, equals, value = option.partition("=")
+        if not equals or key not in EVAL_SOURCE_KEYS or kind == "imagefolder":
+            raise ConfigError(f"--exclude-images {spec!r}: {option!r} is not KEY=VALUE with KEY one of "
+                              f"{', '.join(EVAL_SOURCE_KEYS)} (an imagefolder takes none)")
+        fields[key] = value
+    if kind == "imagefolder":
+        return EvalImages(image_folder=path)
+    return EvalImages(source=SourceConfig(path=path, format=kind, **fields))
+
+
 def add_data_commands(groups: argparse._SubParsersAction) -> None:
     data = groups.add_parser("data", help="convert and curate image-text data")
     commands = data.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -50,7 +76,17 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
     add_output_arguments(curate)
     curate.add_argument("--queries", default=None,
                         help="query list, one per line (optional with a CLIP-score filter)")
-    curate.add_argument("--max-per-query", type=int, default=20_000)
+    curate.add_argument("--max-per-query", type=int, default=20_000,
+                        help="t: rarest keeps at most t pairs per query; metaclip keeps a query's pairs with "
+                             "probability min(1, t / its matches)")
+    curate.add_argument("--balance", choices=["rarest", "metaclip"], default="rarest",
+                        help="rarest: CLIP's cap, a pair counts toward its rarest query; metaclip: MetaCLIP's "
+                             "per-query sampling, a pair stays when any of its queries draws it")
+    curate.add_argument("--exclude-images", metavar="FORMAT:PATH[,KEY=VALUE...]", action="append", default=[],
+                        help="drop training pairs whose image bytes equal an image of this evaluation set (fate "
+                             "eval_overlap); FORMAT: " + ", ".join(EVAL_FORMATS) + "; KEY: " +
+                             ", ".join(EVAL_SOURCE_KEYS) + " (e.g. csv:data/flickr8k,split_file=splits/test.txt); "
+                             "repeatable")
     curate.add_argument("--seed", type=int, default=0, help="picks which pairs of a query over the cap stay")
     curate.add_argument("--min-words", type=int, default=0)
     curate.add_argument("--max-words", type=int, default=None)
@@ -135,11 +171,11 @@ def run_curate(args: argparse.Namespace) -> int:
     from clip_ray.inference.models import ModelSourceError
 
     options = CurateOptions(
-        max_per_query=args.max_per_query, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
+        max_per_query=args.max_per_query, balance=args.balance, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
         min_chars=args.min_chars, max_chars=args.max_chars, dedup_images=args.dedup_images,
         validate_images=args.validate_images, max_pixels=args.max_pixels, samples_per_shard=args.samples_per_shard,
         output_format=args.output_format, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, exclude_images=[eval_images_from_spec(spec) for spec in args.exclude_images],
     )
     clip_score = clip_score_from_args(args)
     if args.queries is None and clip_score is None:

@@ -37,6 +37,7 @@ import ray
 from clip_ray.config import SourceConfig
 from clip_ray.data.formats import FailureCounts, check_failure_rate
 from clip_ray.data.offline.partitions import ConvertOptions, Partition, convert_partition, plan_partitions, write_json
+from clip_ray.data.offline.selection import NOTHING, Selection
 from clip_ray.ray_session import cluster_cpus, connect_ray
 from clip_ray.storage import basename, join, resolve
 
@@ -54,10 +55,12 @@ def _read_json(fs: pafs.FileSystem, path: str) -> Any | None:
         return None
 
 
-def fingerprint(partition: Partition, source: SourceConfig, options: ConvertOptions, keep: dict | None) -> str:
+def fingerprint(partition: Partition, source: SourceConfig, options: ConvertOptions,
+                selection: Selection | None) -> str:
     """A digest of everything that decides a partition's output bytes."""
     payload = {"partition": dataclasses.asdict(partition), "source": dataclasses.asdict(source),
-               "options": options.output_fields(), "keep": keep}
+               "options": options.output_fields(),
+               "keep": selection.fingerprint() if selection is not None else None}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
 
@@ -89,12 +92,12 @@ def _clean_folder(fs: pafs.FileSystem, root: str, keep_names: set[str] | None) -
 
 def run_partitions(
     partitions: list[Partition], source: SourceConfig, options: ConvertOptions, out_dir: str,
-    keep: dict[int, dict[int, dict]] | None = None,
+    selections: dict[int, Selection] | None = None,
 ) -> list[dict]:
     """Converts every partition as a Ray task (skipping finished ones); their stats, in partition order.
 
-    `keep` maps a partition index to the positions to write (see convert_partition);
-    a partition missing from it writes nothing.
+    With `selections` (curation's choice, see clip_ray.data.offline.selection) a
+    partition writes only its selected pairs, and one missing from it writes nothing.
     """
     fs, root = resolve(out_dir)
     for partition in partitions:
@@ -105,7 +108,7 @@ def run_partitions(
     results: dict[int, dict] = {}
     todo = []
     for partition in partitions:
-        wanted = None if keep is None else keep.get(partition.index, {})
+        wanted = None if selections is None else selections.get(partition.index, NOTHING)
         digest = fingerprint(partition, source, options, wanted)
         previous = None if options.overwrite else _finished_before(fs, root, partition.index, digest)
         if previous is not None:

@@ -39,6 +39,7 @@ from clip_ray.data.formats import (
 )
 from clip_ray.data.formats.folders import samples_from_table
 from clip_ray.data.formats.samples import guess_image_ext
+from clip_ray.data.offline.selection import Selection
 from clip_ray.storage import AtomicFile, basename, join, resolve, under
 
 
@@ -227,12 +228,12 @@ def _unique_key(key: str, taken: set[str]) -> str:
 
 def convert_partition(
     partition: Partition, source: SourceConfig, options: ConvertOptions, out_dir: str,
-    fingerprint: str = "", keep: dict[int, dict] | None = None,
+    fingerprint: str = "", selection: Selection | None = None,
 ) -> dict:
     """Writes one partition's shards and its stats file; returns that stats file's content.
 
-    With `keep` ({position: meta to add}) only the samples at those positions of
-    the partition are written, which is how curation writes its choice.
+    With a `selection` only the samples at its positions are written, each with
+    its meta added: how curation writes its choice.
     """
     read_counts, prepare_counts = FailureCounts(), FailureCounts()
     prefix = f"{partition.index:05d}_"
@@ -242,6 +243,7 @@ def convert_partition(
         writer = ParquetShardWriter(out_dir, options.samples_per_shard, prefix=prefix)
     keys: set[str] = set()
     renamed = 0
+    keep = selection.read() if selection is not None else None
     # Curation keeps nothing of many partitions: no need to read them again.
     samples = read_partition(partition, source, read_counts) if keep != {} else iter(())
     try:

@@ -36,6 +36,7 @@ import ray
 
 from clip_ray.config import SourceConfig
 from clip_ray.data.formats import FailureReason
+from clip_ray.data.offline.pair_rows import SIDE, joined_by
 from clip_ray.data.offline.partitions import Partition
 
 LOW_CLIP_SCORE = "low_clip_score"
@@ -43,7 +44,6 @@ LOW_CLIP_SCORE = "low_clip_score"
 SCORE_SCHEMA = pa.schema([("partition", pa.int32()), ("position", pa.int32()), ("score", pa.float32()),
                           ("drop", pa.string())])
 QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "max": 1.0}
-_SIDE = "_side"  # 0: a candidate row, 1: a score row, while the two are joined
 
 
 class PairScorer(Protocol):
@@ -71,22 +71,14 @@ class ScoreFilter:
 # --------------------------------------------------------------------------- the join
 
 
-def _as_side(batch: pa.Table, side: int, schema: pa.Schema) -> pa.Table:
-    """`batch` in the candidates' `schema` (missing columns null) plus the side it came from."""
-    columns = [batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
-               for f in schema]
-    columns.append(pa.array(np.full(batch.num_rows, side, dtype=np.int8)))
-    return pa.Table.from_arrays(columns, schema=schema.append(pa.field(_SIDE, pa.int8())))
-
-
 def _match_scores(group: pa.Table) -> pa.Table:
     """One partition's candidate and score rows -> its candidate rows with score and drop filled in."""
-    is_score = pc.equal(group[_SIDE], 1)
+    is_score = pc.equal(group[SIDE], 1)
     scores = group.filter(is_score)
     found: dict[int, tuple[float, str]] = {}
     for position, score, drop in zip(*(scores[name].to_pylist() for name in ("position", "score", "drop"))):
         found.setdefault(position, (score, drop))  # a retried task's repeat says the same
-    pairs = group.filter(pc.invert(is_score)).drop_columns([_SIDE])
+    pairs = group.filter(pc.invert(is_score)).drop_columns([SIDE])
     missing = (None, FailureReason.UNREADABLE_SHARD.value)
     matched = [found.get(position, missing) for position in pairs["position"].to_pylist()]
     pairs = pairs.set_column(pairs.schema.get_field_index("score"), "score",
@@ -97,11 +89,7 @@ def _match_scores(group: pa.Table) -> pa.Table:
 
 def attach_scores(candidates: ray.data.Dataset, scores: ray.data.Dataset, num_partitions: int) -> ray.data.Dataset:
     """The candidate rows with the scorer's score and drop, joined on (partition, position)."""
-    schema = candidates.schema().base_schema
-    left = candidates.map_batches(_as_side, fn_kwargs={"side": 0, "schema": schema}, batch_format="pyarrow")
-    right = scores.map_batches(_as_side, fn_kwargs={"side": 1, "schema": schema}, batch_format="pyarrow")
-    return left.union(right).groupby("partition", num_partitions=num_partitions).map_groups(
-        _match_scores, batch_format="pyarrow")
+    return joined_by(candidates, scores, "partition", _match_scores, num_partitions)
 
 
 # --------------------------------------------------------------------------- the cut

@@ -1,0 +1,132 @@
+"""Evaluation images out of the training data: pairs whose image bytes equal an evaluation image's.
+
+The CLIP paper measured how much of each evaluation set its training data held;
+curation removes that overlap before it can leak. Every image of the evaluation
+sets (ImageFolder trees, or the images of any source clip-ray reads, a split file
+respected) is hashed (sha256 of its bytes, as pass one hashes training images)
+in parallel Ray Data tasks. Those hashes are joined to the candidate pairs by a
+groupby on the hash, so neither side passes through the driver, and every
+candidate in a group that holds an evaluation image gets the fate eval_overlap.
+
+Equal bytes only: a re-encoded or resized copy is not found this way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from clip_ray.config import SourceConfig
+from clip_ray.data.formats import FailureCounts, FailureReason, list_image_folder
+from clip_ray.data.formats.folders import read_listed_images
+from clip_ray.data.offline.pair_rows import EVAL_OVERLAP, SIDE, count_fates, joined_by, set_drop, with_fate
+from clip_ray.data.offline.partitions import Partition, plan_partitions, read_partition
+from clip_ray.storage import resolve
+
+IMAGES_PER_TASK = 1000
+_HASH_SCHEMA = pa.schema([("image_hash", pa.binary()), ("drop", pa.string())])  # drop: "" or why not hashed
+
+
+@dataclass
+class EvalImages:
+    """One evaluation set: an ImageFolder tree (`image_folder`) or an image-text `source`."""
+
+    image_folder: str | None = None
+    source: SourceConfig | None = None
+
+    def validate(self) -> None:
+        if (self.image_folder is None) == (self.source is None):
+            raise ValueError("an evaluation set is an image_folder or a source, exactly one of them")
+        if self.source is not None:
+            self.source.validate("exclude_images.source")
+
+    def describe(self) -> str:
+        return self.image_folder if self.image_folder is not None else f"{self.source.format}:{self.source.path}"
+
+
+def _plan(sets: list[EvalImages], counts: FailureCounts) -> list[str]:
+    """The hashing tasks' inputs, as JSON: a partition of a source, or a run of an ImageFolder's images."""
+    tasks = []
+    for images in sets:
+        if images.source is not None:
+            source = dataclasses.asdict(images.source)
+            tasks += [json.dumps({"source": source, "partition": dataclasses.asdict(p)})
+                      for p in plan_partitions(images.source, IMAGES_PER_TASK, counts)]
+            continue
+        try:
+            classes, listed = list_image_folder(images.image_folder)
+        except OSError as err:
+            counts.reject(FailureReason.UNREADABLE_SHARD, images.image_folder, "", f"{type(err).__name__}: {err}")
+            continue
+        tasks += [json.dumps({"folder": images.image_folder, "classes": classes,
+                              "images": listed[start:start + IMAGES_PER_TASK]})
+                  for start in range(0, len(listed), IMAGES_PER_TASK)]
+    return tasks
+
+
+def _images_of(task: dict, counts: FailureCounts) -> Iterator[bytes]:
+    if "folder" in task:
+        fs, _ = resolve(task["folder"])
+        listed = [tuple(item) for item in task["images"]]
+        return (image.image for image in read_listed_images(listed, task["classes"], fs, counts))
+    partition = Partition(**task["partition"])
+    return (sample.image for sample in read_partition(partition, SourceConfig(**task["source"]), counts))
+
+
+def _hash_batch(batch: pa.Table) -> pa.Table:
+    hashes, drops = [], []
+    for text in batch["task"].to_pylist():
+        counts, seen = FailureCounts(), set()
+        for image in _images_of(json.loads(text), counts):
+            digest = hashlib.sha256(image).digest()
+            if digest not in seen:  # a caption table yields its image once per caption
+                seen.add(digest)
+                hashes.append(digest)
+                drops.append("")
+        for reason, n in sorted(counts.failed.items()):
+            hashes += [b""] * n
+            drops += [reason] * n
+    return pa.table({"image_hash": hashes, "drop": drops}, schema=_HASH_SCHEMA)
+
+
+def hash_eval_images(sets: list[EvalImages], cpus_per_task: float = 1.0) -> tuple[ray.data.Dataset, dict]:
+    """(one row per evaluation image hashed: image_hash; the report's part: the sets, the distinct images hashed
+    and the failures)."""
+    planning = FailureCounts()
+    tasks = _plan(sets, planning)
+    report = {"sets": [images.describe() for images in sets], "images": 0, "failures": dict(planning.failed)}
+    if not tasks:
+        return ray.data.from_arrow(_HASH_SCHEMA.empty_table()), report
+    rows = (ray.data.from_items([{"task": task} for task in tasks], override_num_blocks=len(tasks))
+            .map_batches(_hash_batch, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_task)
+            .materialize())
+    for fate, n in count_fates(rows).items():
+        if fate:
+            report["failures"][fate] = report["failures"].get(fate, 0) + n
+        else:
+            report["images"] = n
+    report["failures"] = dict(sorted(report["failures"].items()))
+    hashed = rows.map_batches(with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")
+    return hashed.select_columns(["image_hash"]), report
+
+
+def _mark_overlap(group: pa.Table) -> pa.Table:
+    """All rows with one image hash: when an evaluation image is among them, every pair is eval_overlap."""
+    is_eval = pc.equal(group[SIDE], 1)
+    pairs = group.filter(pc.invert(is_eval)).drop_columns([SIDE])
+    if pairs.num_rows and pc.any(is_eval).as_py():
+        pairs = set_drop(pairs, [EVAL_OVERLAP] * pairs.num_rows)
+    return pairs
+
+
+def mark_overlap(candidates: ray.data.Dataset, eval_hashes: ray.data.Dataset,
+                 num_partitions: int) -> ray.data.Dataset:
+    """The candidate rows, those whose image is an evaluation image with the fate eval_overlap."""
+    return joined_by(candidates, eval_hashes, "image_hash", _mark_overlap, num_partitions)

@@ -1,0 +1,107 @@
+"""Curation's per-pair rows: their schema, the fates, and the small table operations every global step shares.
+
+Pass one turns each input pair into one SCAN_SCHEMA row (no image, no caption);
+every later step (overlap removal, the score filter, dedup, balancing) is a Ray
+Data transform of those rows that sets `drop` on the pairs it removes. A row whose
+`drop` is KEPT ("") is still in the running.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+KEPT = ""
+TOO_SHORT = "too_short"
+TOO_LONG = "too_long"
+NO_QUERY_MATCH = "no_query_match"
+EVAL_OVERLAP = "eval_overlap"
+DUPLICATE_IMAGE = "duplicate_image"
+OVER_CAP = "over_cap"
+
+# One row per input pair (position -1: a pair the reader could not even yield). `queries`: every query the caption
+# matches; `query`: the one its meta names; `kept_for`: the queries whose share of the balance kept it.
+SCAN_SCHEMA = pa.schema([
+    ("partition", pa.int32()), ("position", pa.int32()), ("drop", pa.string()),
+    ("queries", pa.list_(pa.int32())), ("image_hash", pa.binary()), ("query", pa.int32()), ("score", pa.float32()),
+    ("kept_for", pa.list_(pa.int32())),
+])
+SIDE = "_side"  # while two datasets are joined: 0 for a row of the pairs, 1 for a row of the other side
+
+
+def with_fate(batch: pa.Table, kept: bool) -> pa.Table:
+    """The rows still in the running (kept=True) or the ones already dropped."""
+    still_in = pc.equal(batch["drop"], KEPT)
+    return batch.filter(still_in if kept else pc.invert(still_in))
+
+
+def still_in(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    return dataset.map_batches(with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")
+
+
+def set_column(group: pa.Table, name: str, values: list, kind: pa.DataType) -> pa.Table:
+    return group.set_column(group.schema.get_field_index(name), name, pa.array(values, kind))
+
+
+def set_drop(group: pa.Table, fates: list[str]) -> pa.Table:
+    return set_column(group, "drop", fates, pa.string())
+
+
+def in_input_order(group: pa.Table) -> pa.Table:
+    return group.take(pc.sort_indices(group, [("partition", "ascending"), ("position", "ascending")]))
+
+
+def _fates_in_block(batch: pa.Table) -> pa.Table:
+    fates = pc.value_counts(batch["drop"])
+    return pa.table({"drop": fates.field("values"), "count": fates.field("counts")})
+
+
+def count_fates(dataset: ray.data.Dataset) -> dict[str, int]:
+    """{fate: pairs}, summed on the driver from per-block counts (a dozen rows per block at most)."""
+    totals: dict[str, int] = {}
+    for row in dataset.map_batches(_fates_in_block, batch_size=None, batch_format="pyarrow").take_all():
+        totals[row["drop"]] = totals.get(row["drop"], 0) + row["count"]
+    return totals
+
+
+def _one_row_per_query(batch: pa.Table, column: str) -> pa.Table:
+    return pa.table({"query": pc.list_flatten(batch[column])})
+
+
+def _group_size(group: pa.Table) -> pa.Table:
+    return pa.table({"query": group["query"].slice(0, 1), "pairs": [group.num_rows]})
+
+
+def pairs_per_query(rows: ray.data.Dataset, column: str, num_queries: int, num_partitions: int) -> list[int]:
+    """How many rows hold each query id in their list `column`: a groupby, so the driver gets one row per query."""
+    counts = [0] * num_queries
+    if not num_queries:
+        return counts
+    per_query = (rows.map_batches(_one_row_per_query, fn_kwargs={"column": column}, batch_format="pyarrow")
+                 .groupby("query", num_partitions=num_partitions).map_groups(_group_size, batch_format="pyarrow"))
+    for batch in per_query.iter_batches(batch_format="pyarrow"):
+        for query, pairs in zip(batch["query"].to_pylist(), batch["pairs"].to_pylist()):
+            counts[query] = pairs
+    return counts
+
+
+def _as_side(batch: pa.Table, side: int, schema: pa.Schema) -> pa.Table:
+    """`batch` in the pairs' `schema` (missing columns null) plus the side it came from."""
+    columns = [batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+               for f in schema]
+    columns.append(pa.array(np.full(batch.num_rows, side, dtype=np.int8)))
+    return pa.Table.from_arrays(columns, schema=schema.append(pa.field(SIDE, pa.int8())))
+
+
+def joined_by(pairs: ray.data.Dataset, other: ray.data.Dataset, key: str, match: Callable[[pa.Table], pa.Table],
+              num_partitions: int) -> ray.data.Dataset:
+    """A join as one groupby: both sides' rows, in the pairs' schema plus SIDE, grouped by `key` and handed to
+    `match`, which returns the group's pair rows (without SIDE)."""
+    schema = pairs.schema().base_schema
+    left = pairs.map_batches(_as_side, fn_kwargs={"side": 0, "schema": schema}, batch_format="pyarrow")
+    right = other.map_batches(_as_side, fn_kwargs={"side": 1, "schema": schema}, batch_format="pyarrow")
+    return left.union(right).groupby(key, num_partitions=num_partitions).map_groups(match, batch_format="pyarrow")
