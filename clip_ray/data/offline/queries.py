@@ -7,7 +7,7 @@ document or caption per line) and/or the captions of any source clip-ray
 reads, streamed on Ray Data, plus lists the user supplies.
 
 Text is tokenized exactly as curation's QueryMatcher tokenizes it
-(clip_ray.data.offline.curate.tokenize: casefolded, `\\w+` words and single
+(clip_ray.data.offline.matching.tokenize: casefolded, `\\w+` words and single
 punctuation marks). Only word tokens are counted: a unigram is a word token,
 a bigram two word tokens next to each other in the token sequence of one line
 (so "red, car" holds no bigram, just as the matcher never matches "red car"
@@ -28,9 +28,11 @@ The rules:
   joined by single spaces, so it matches as the matcher will match it.
 
 Each block of text is counted by one Ray Data task; the partial counts are
-summed by a groupby on the n-gram, and the driver reads the sums in batches,
-keeping the unigram counts (the vocabulary) and only the bigrams that pass the
-count threshold. The text itself never reaches the driver.
+summed by a groupby on the n-gram. The driver reads the totals first (one row
+per block), which fix the thresholds, then only the words and bigrams whose
+count reaches the lower threshold (a word under the bigram threshold is in no
+bigram over it, so PMI never needs it). Neither the text nor the long tail of
+rare n-grams reaches the driver.
 
 Output: the queries, sorted and deduplicated, one per line (what
 `QueryMatcher.from_file` reads), and a report: queries per rule, the corpus
@@ -53,7 +55,7 @@ import ray
 
 from clip_ray.config import SourceConfig
 from clip_ray.data.formats import DataError, FailureCounts
-from clip_ray.data.offline.curate import tokenize
+from clip_ray.data.offline.matching import tokenize
 from clip_ray.data.offline.partitions import Partition, plan_partitions, read_partition, write_json
 from clip_ray.ray_session import cluster_cpus, connect_ray
 from clip_ray.storage import list_shards, resolve, write_file
@@ -174,41 +176,64 @@ def count_datasets(texts: Sequence[str], source: SourceConfig | None,
 
 @dataclass
 class CorpusCounts:
-    """What the driver keeps: every unigram's count, the bigrams over the count threshold, and the totals."""
+    """What the driver keeps: the totals, and the counts of the words and bigrams that can pass a rule (count at
+    least the lower of the two thresholds)."""
 
     words: dict[str, int] = dataclasses.field(default_factory=dict)
     bigrams: dict[str, int] = dataclasses.field(default_factory=dict)
     word_total: int = 0
     bigram_total: int = 0
+    distinct_words: int = 0
     distinct_bigrams: int = 0
     lines: int = 0
     failed: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def sum_counts(partials: Sequence[ray.data.Dataset], min_bigram_count: int, shuffle_partitions: int) -> CorpusCounts:
-    """Sums the partial counts of all inputs by one Ray Data groupby; streams the sums to the driver in batches."""
+def _block_totals(batch: pa.Table) -> pa.Table:
+    """One row per block: the unigram and bigram totals and distinct counts, and the lines and failures rows."""
+    grams, counts = batch["gram"].to_pylist(), batch["sum(count)"].to_pylist()
+    totals = Counter()
+    special = []
+    for gram, count in zip(grams, counts):
+        if gram == LINES_KEY or gram.startswith(FAILED_PREFIX):
+            special.append(f"{gram}={count}")
+        else:
+            kind = "bigram" if " " in gram else "word"
+            totals[kind] += count
+            totals[f"distinct_{kind}"] += 1
+    return pa.table({"totals": [json.dumps(totals)], "special": [special]})
+
+
+def _at_least(batch: pa.Table, floor: int) -> pa.Table:
+    keep = [count >= floor and not gram.startswith("\t")
+            for gram, count in zip(batch["gram"].to_pylist(), batch["sum(count)"].to_pylist())]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def sum_counts(partials: Sequence[ray.data.Dataset], options: QueryOptions, shuffle_partitions: int) -> CorpusCounts:
+    """Sums the partial counts of all inputs by one Ray Data groupby. The driver gets the totals (one row per
+    block), then only the n-grams that can pass a rule: a word under the bigram threshold is in no bigram over it."""
     corpus = CorpusCounts()
     counts = partials[0].union(*partials[1:]) if len(partials) > 1 else partials[0]
-    summed = counts.groupby("gram", num_partitions=shuffle_partitions).sum("count")
-    for batch in summed.iter_batches(batch_format="pyarrow"):
+    summed = counts.groupby("gram", num_partitions=shuffle_partitions).sum("count").materialize()
+    for row in summed.map_batches(_block_totals, batch_size=None, batch_format="pyarrow").take_all():
+        totals = json.loads(row["totals"])
+        corpus.word_total += totals.get("word", 0)
+        corpus.bigram_total += totals.get("bigram", 0)
+        corpus.distinct_words += totals.get("distinct_word", 0)
+        corpus.distinct_bigrams += totals.get("distinct_bigram", 0)
+        for entry in row["special"]:
+            gram, count = entry.rsplit("=", 1)
+            if gram == LINES_KEY:
+                corpus.lines = int(count)
+            else:
+                corpus.failed[gram[len(FAILED_PREFIX):]] = int(count)
+    min_words, min_bigrams = thresholds(options, corpus.word_total)
+    wanted = summed.map_batches(_at_least, fn_kwargs={"floor": min(min_words, min_bigrams)}, batch_format="pyarrow")
+    for batch in wanted.iter_batches(batch_format="pyarrow"):
         for gram, count in zip(batch["gram"].to_pylist(), batch["sum(count)"].to_pylist()):
-            _add(corpus, gram, count, min_bigram_count)
+            (corpus.bigrams if " " in gram else corpus.words)[gram] = count
     return corpus
-
-
-def _add(corpus: CorpusCounts, gram: str, count: int, min_bigram_count: int) -> None:
-    if gram == LINES_KEY:
-        corpus.lines = count
-    elif gram.startswith(FAILED_PREFIX):
-        corpus.failed[gram[len(FAILED_PREFIX):]] = count
-    elif " " in gram:
-        corpus.bigram_total += count
-        corpus.distinct_bigrams += 1
-        if count >= min_bigram_count:
-            corpus.bigrams[gram] = count
-    else:
-        corpus.word_total += count
-        corpus.words[gram] = count
 
 
 def select_words(corpus: CorpusCounts, min_count: int) -> list[str]:
@@ -250,15 +275,18 @@ class QueryOptions:
             raise ValueError(f"samples_per_partition must be >= 1, got {self.samples_per_partition}")
 
 
-def count_corpus(texts: Sequence[str], source: SourceConfig | None, options: QueryOptions) -> CorpusCounts:
-    """The corpus counts of the text files and the source's captions, on the connected (or a new) Ray cluster.
+def thresholds(options: QueryOptions, word_total: int) -> tuple[int, int]:
+    """(min word count, min bigram count): as given, else the paper's rule scaled to the corpus, and the word one."""
+    min_words = options.min_word_count or default_min_word_count(word_total)
+    return min_words, options.min_bigram_count or min_words
 
-    Bigrams under options.min_bigram_count stay on the cluster (all of them come back when it is None, since
-    the default follows the word threshold, known only after counting).
-    """
+
+def count_corpus(texts: Sequence[str], source: SourceConfig | None, options: QueryOptions) -> CorpusCounts:
+    """The corpus counts of the text files and the source's captions, on the connected (or a new) Ray cluster;
+    n-grams under both thresholds stay on the cluster."""
     connect_ray()
     partials, planning = count_datasets(texts, source, options.samples_per_partition)
-    corpus = sum_counts(partials, options.min_bigram_count or 1, options.shuffle_partitions or cluster_cpus())
+    corpus = sum_counts(partials, options, options.shuffle_partitions or cluster_cpus())
     for reason, n in planning.failed.items():
         corpus.failed[reason] = corpus.failed.get(reason, 0) + n
     return corpus
@@ -266,8 +294,7 @@ def count_corpus(texts: Sequence[str], source: SourceConfig | None, options: Que
 
 def select_queries(corpus: CorpusCounts, extra: dict[str, list[str]], options: QueryOptions) -> tuple[list[str], dict]:
     """(the queries, sorted and deduplicated; the report's rules, corpus and thresholds) by the three rules."""
-    min_words = options.min_word_count or default_min_word_count(corpus.word_total)
-    min_bigrams = options.min_bigram_count or min_words
+    min_words, min_bigrams = thresholds(options, corpus.word_total)
     words = select_words(corpus, min_words)
     bigrams = select_bigrams(corpus, min_bigrams, options.min_pmi)
     queries = sorted(set(words) | set(bigrams) | {query for listed in extra.values() for query in listed})
@@ -275,7 +302,7 @@ def select_queries(corpus: CorpusCounts, extra: dict[str, list[str]], options: Q
         "queries": len(queries),
         "rules": {"words": len(words), "bigrams": len(bigrams),
                   "extra": {path: len(set(listed)) for path, listed in extra.items()}},
-        "corpus": {"lines": corpus.lines, "words": corpus.word_total, "distinct_words": len(corpus.words),
+        "corpus": {"lines": corpus.lines, "words": corpus.word_total, "distinct_words": corpus.distinct_words,
                    "bigrams": corpus.bigram_total, "distinct_bigrams": corpus.distinct_bigrams,
                    "failed": dict(sorted(corpus.failed.items()))},
         "thresholds": {"min_word_count": min_words, "min_word_count_scaled": options.min_word_count is None,
