@@ -17,7 +17,8 @@ fate; the first that applies:
    after stripping);
 3. no_query_match: no query occurs in the caption (only with queries);
 4. eval_overlap: the image's bytes equal an image of an `exclude_images`
-   evaluation set (clip_ray.data.offline.overlap);
+   evaluation set, or (given a near-duplicate filter) its embedding is within a
+   cosine threshold of one (clip_ray.data.offline.overlap);
 5. low_clip_score: the pair's score is below the threshold, or outside the
    top fraction of the pairs scored (only with a score filter; only pairs that
    got this far are scored, since the model is the expensive step);
@@ -66,7 +67,9 @@ from clip_ray.data.formats import DEFAULT_MAX_PIXELS, BadSample, DataError, Fail
 from clip_ray.data.offline.balance import BALANCE_MODES, BalanceMode, balance
 from clip_ray.data.offline.convert import run_partitions, sum_counts
 from clip_ray.data.offline.matching import QueryMatcher
-from clip_ray.data.offline.overlap import EvalImages, hash_eval_images, mark_overlap
+from clip_ray.data.offline.overlap import (
+    EvalImages, NearDuplicateFilter, hash_eval_images, mark_near_duplicates, mark_overlap,
+)
 from clip_ray.data.offline.pair_rows import (
     DUPLICATE_IMAGE, EVAL_OVERLAP, KEPT, NO_QUERY_MATCH, OVER_CAP, SCAN_SCHEMA, TOO_LONG, TOO_SHORT, count_fates,
     in_input_order, pairs_per_query, set_drop, still_in,
@@ -195,23 +198,31 @@ class Decisions:
     overlap_report: dict | None = None
 
 
-def _drop_step(rows: ray.data.Dataset, fate: str, decisions: Decisions) -> ray.data.Dataset:
-    """The rows still in after a step that marks `fate`, counting the ones it dropped."""
+def _drop_step(rows: ray.data.Dataset, decisions: Decisions) -> tuple[ray.data.Dataset, dict[str, int]]:
+    """(the rows still in after a step, {fate: pairs} it dropped), its drops added to the decisions' counts."""
     rows = rows.materialize()
-    decisions.dropped[fate] = count_fates(rows).get(fate, 0)
-    return still_in(rows).materialize()
+    fates = {fate: n for fate, n in count_fates(rows).items() if fate != KEPT}
+    for fate, n in fates.items():
+        decisions.dropped[fate] = decisions.dropped.get(fate, 0) + n
+    return still_in(rows).materialize(), fates
 
 
 def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
            score_filter: ScoreFilter | None = None, partitions: list[Partition] | None = None,
-           source: SourceConfig | None = None) -> Decisions:
+           source: SourceConfig | None = None, near_duplicates: NearDuplicateFilter | None = None) -> Decisions:
     """Steps 4-7 over pass one's rows."""
     candidates = still_in(scan).materialize()
     num_partitions = shuffle_partitions(candidates.count())
     decisions = Decisions(decided=candidates, matched=[0] * num_queries)
     if options.exclude_images:
         eval_hashes, decisions.overlap_report = hash_eval_images(options.exclude_images, options.cpus_per_task)
-        candidates = _drop_step(mark_overlap(candidates, eval_hashes, num_partitions), EVAL_OVERLAP, decisions)
+        candidates, fates = _drop_step(mark_overlap(candidates, eval_hashes, num_partitions), decisions)
+        decisions.overlap_report["exact"] = fates.get(EVAL_OVERLAP, 0)
+    if near_duplicates is not None and candidates.count():
+        marked = mark_near_duplicates(candidates, near_duplicates, partitions, source, num_partitions)
+        candidates, fates = _drop_step(marked, decisions)
+        decisions.overlap_report["near_duplicates"] = {"threshold": near_duplicates.threshold,
+                                                       **near_duplicates.about, "dropped": fates.get(EVAL_OVERLAP, 0)}
     decisions.matched = pairs_per_query(candidates, "queries", num_queries, num_partitions)
     if score_filter is not None:
         if candidates.count():
@@ -223,8 +234,8 @@ def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
         else:
             decisions.score_report = scored_report(score_filter, 0)
     if options.dedup_images and candidates.count():
-        candidates = _drop_step(candidates.groupby("image_hash", num_partitions=num_partitions)
-                                .map_groups(_mark_duplicates, batch_format="pyarrow"), DUPLICATE_IMAGE, decisions)
+        candidates, _ = _drop_step(candidates.groupby("image_hash", num_partitions=num_partitions)
+                                   .map_groups(_mark_duplicates, batch_format="pyarrow"), decisions)
     if num_queries and candidates.count():
         candidates = balance(candidates, options.balance, decisions.matched, options.max_per_query, options.seed,
                              num_partitions).materialize()
@@ -252,9 +263,9 @@ def _dropped(planning: FailureCounts, scan: ray.data.Dataset, decisions: Decisio
 
 
 def curate(source: SourceConfig, queries_file: str | None, out_dir: str, options: CurateOptions | None = None,
-           score_filter: ScoreFilter | None = None) -> dict:
+           score_filter: ScoreFilter | None = None, near_duplicates: NearDuplicateFilter | None = None) -> dict:
     """Curates `source` against the queries in `queries_file` and/or by `score_filter` into shards under
-    `out_dir`; returns the report.
+    `out_dir`; returns the report. `near_duplicates` also drops near copies of the `exclude_images` sets.
 
     Uses the Ray cluster this process is connected to, or connects as `connect_ray` does.
     """
@@ -265,6 +276,10 @@ def curate(source: SourceConfig, queries_file: str | None, out_dir: str, options
         raise ValueError("curation needs a queries file, a score filter, or both")
     if score_filter is not None:
         score_filter.validate()
+    if near_duplicates is not None:
+        near_duplicates.validate()
+        if not options.exclude_images:
+            raise ValueError("a near-duplicate filter compares with the exclude_images sets: give at least one")
     started = time.time()
     connect_ray()
     matcher = QueryMatcher.from_file(queries_file) if queries_file is not None else QueryMatcher([])
@@ -280,7 +295,7 @@ def curate(source: SourceConfig, queries_file: str | None, out_dir: str, options
                          concurrency=options.num_workers,
                          fn_kwargs={"source": source, "options": options, "matcher": matcher})
             .materialize())
-    decisions = decide(scan, options, len(matcher), score_filter, partitions, source)
+    decisions = decide(scan, options, len(matcher), score_filter, partitions, source, near_duplicates)
     kept_rows = still_in(decisions.decided).materialize()
     num_partitions = shuffle_partitions(kept_rows.count())
     kept_for = pairs_per_query(kept_rows, "kept_for", len(matcher), num_partitions)

@@ -8,7 +8,12 @@ in parallel Ray Data tasks. Those hashes are joined to the candidate pairs by a
 groupby on the hash, so neither side passes through the driver, and every
 candidate in a group that holds an evaluation image gets the fate eval_overlap.
 
-Equal bytes only: a re-encoded or resized copy is not found this way.
+Equal bytes find only exact copies. A re-encoded or resized copy is found by
+a `NearDuplicateFilter`: its scorer gives each remaining candidate the highest
+cosine between its image's embedding and any evaluation image's (the caller
+brings the model: clip_ray.inference.near_duplicates), and a candidate at or
+above the threshold is eval_overlap too. Its scores are joined to the
+candidates as the score filter joins its own, and then cleared.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -26,8 +32,11 @@ import ray
 from clip_ray.config import SourceConfig
 from clip_ray.data.formats import FailureCounts, FailureReason, list_image_folder
 from clip_ray.data.formats.folders import read_listed_images
-from clip_ray.data.offline.pair_rows import EVAL_OVERLAP, SIDE, count_fates, joined_by, set_drop, with_fate
+from clip_ray.data.offline.pair_rows import (
+    EVAL_OVERLAP, KEPT, SIDE, count_fates, joined_by, set_column, set_drop, with_fate,
+)
 from clip_ray.data.offline.partitions import Partition, plan_partitions, read_partition
+from clip_ray.data.offline.score_filter import PairScorer, attach_scores
 from clip_ray.storage import resolve
 
 IMAGES_PER_TASK = 1000
@@ -130,3 +139,36 @@ def mark_overlap(candidates: ray.data.Dataset, eval_hashes: ray.data.Dataset,
                  num_partitions: int) -> ray.data.Dataset:
     """The candidate rows, those whose image is an evaluation image with the fate eval_overlap."""
     return joined_by(candidates, eval_hashes, "image_hash", _mark_overlap, num_partitions)
+
+
+@dataclass
+class NearDuplicateFilter:
+    """Near copies of evaluation images: `scorer` gives each candidate its image's highest cosine to any
+    evaluation image (SCORE_SCHEMA rows, as a score filter's scorer); `about` goes into the report."""
+
+    scorer: PairScorer
+    threshold: float
+    about: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not -1 <= self.threshold <= 1:
+            raise ValueError(f"the near-duplicate threshold is a cosine: must be in [-1, 1], got {self.threshold}")
+
+
+def _judge_near(batch: pa.Table, threshold: float) -> pa.Table:
+    """A scored pair at or above the threshold is eval_overlap; the similarity is cleared (score is the CLIP
+    score's column)."""
+    drop = batch["drop"].to_numpy(zero_copy_only=False)
+    score = batch["score"].to_numpy(zero_copy_only=False).astype(np.float64)  # nulls (unscored) are NaN
+    fates = np.where((drop == KEPT) & (score >= threshold), EVAL_OVERLAP, drop)
+    batch = set_drop(batch, fates.tolist())
+    return set_column(batch, "score", [None] * batch.num_rows, pa.float32())
+
+
+def mark_near_duplicates(candidates: ray.data.Dataset, near: NearDuplicateFilter, partitions: list[Partition],
+                         source: SourceConfig, num_partitions: int) -> ray.data.Dataset:
+    """The candidate rows, the near copies of evaluation images marked eval_overlap (a pair whose image first
+    fails to decode here gets that reason)."""
+    places = candidates.select_columns(["partition", "position"])
+    joined = attach_scores(candidates, near.scorer(places, partitions, source), num_partitions)
+    return joined.map_batches(_judge_near, fn_kwargs={"threshold": near.threshold}, batch_format="pyarrow")
