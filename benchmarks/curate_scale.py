@@ -91,7 +91,8 @@ def write_shard(path: Path, first_row: int, rows: int, words: pa.Array, probabil
     image_bytes[:, 3:] = ids.view(np.uint8).reshape(rows, 8)
     images = pa.FixedSizeBinaryArray.from_buffers(pa.binary(11), rows, [None, pa.py_buffer(image_bytes.tobytes())])
     keys = pc.cast(pa.array(ids), pa.string())
-    table = pa.table({"key": keys, "image": pc.cast(images, pa.binary()), "image_ext": pa.array(["bin"] * rows), "caption": captions})
+    table = pa.table({"key": keys, "image": pc.cast(images, pa.binary()), "image_ext": pa.array(["bin"] * rows),
+                      "caption": captions})
     pq.write_table(table, path, row_group_size=1000)
 
 
@@ -216,7 +217,8 @@ def main() -> None:
     queries = write_queries(work_dir, args.seed)
     modes = balance_modes()
     print(f"curate: {len(queries.read_text().splitlines())} queries, cap {args.max_per_query}, {args.cpus} CPUs, "
-          f"dedup {'off' if args.no_dedup else 'on'}, text-only pairs (validate_images off), a fresh driver and local Ray per run")
+          f"dedup {'off' if args.no_dedup else 'on'}, text-only pairs (validate_images off), "
+          f"a fresh driver and local Ray per run")
     header = (f"{'pairs':>9} {'balance':>9} {'seconds':>8} {'pairs/s':>8} {'/s/CPU':>7} {'heap MiB':>9} "
               f"{'RSS before':>10} {'RSS peak':>9} {'kept':>8}  fates")
     rows = []
@@ -240,14 +242,16 @@ def main() -> None:
                   f"{r['kept']:>8}  {fates}", flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    if len(sizes) >= 2:
-        for mode in modes:
-            small, large = (next(r for r in rows if r["size"] == s and r["balance"] == mode) for s in (sizes[0],
-                                                                                                     sizes[-1]))
-            rss = large["rss_peak_mib"] / small["rss_peak_mib"]
-            heap = large["heap_peak_mib"] / small["heap_peak_mib"]
-            print(f"driver peak at {sizes[-1]} / at {sizes[0]} pairs ({mode or 'default'} balance): "
-                  f"heap {heap:.2f}x, RSS {rss:.2f}x (goal: heap within {GOAL_RATIO}x)")
+    if len(sizes) < 2:
+        return
+    ratios = {}
+    for mode in modes:
+        small, large = (next(r for r in rows if r["size"] == s and r["balance"] == mode) for s in (sizes[0], sizes[-1]))
+        ratios[mode] = (large["heap_peak_mib"] / small["heap_peak_mib"], large["rss_peak_mib"] / small["rss_peak_mib"])
+    named = ", ".join(f"{mode or 'default'} {heap:.2f}x (RSS {rss:.2f}x)" for mode, (heap, rss) in ratios.items())
+    worst = max(heap for heap, _ in ratios.values())
+    verdict = "met" if worst <= GOAL_RATIO else "NOT met"
+    print(f"driver peak heap at {sizes[-1]} pairs / at {sizes[0]}: {named}; goal within {GOAL_RATIO}x: {verdict}")
 
 
 if __name__ == "__main__":
