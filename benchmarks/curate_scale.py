@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="num_cpus of the local Ray")
     parser.add_argument("--max-per-query", type=int, default=2_000,
                         help="the cap (rarest) or threshold t (metaclip); 2,000 bites at 100k and 1M")
+    parser.add_argument("--balance", default=None, help="only this balancing mode (default: every mode there is)")
     parser.add_argument("--no-dedup", action="store_true",
                         help="skip exact-duplicate image removal (a groupby with one group per pair: the slow step)")
     parser.add_argument("--seed", type=int, default=0)
@@ -216,6 +217,10 @@ def main() -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     queries = write_queries(work_dir, args.seed)
     modes = balance_modes()
+    if args.balance is not None:
+        if args.balance not in modes:
+            raise SystemExit(f"--balance {args.balance!r}: this curate has {', '.join(map(str, modes))}")
+        modes = [args.balance]
     print(f"curate: {len(queries.read_text().splitlines())} queries, cap {args.max_per_query}, {args.cpus} CPUs, "
           f"dedup {'off' if args.no_dedup else 'on'}, text-only pairs (validate_images off), "
           f"a fresh driver and local Ray per run")
