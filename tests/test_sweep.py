@@ -38,6 +38,10 @@ from clip_ray.model import model_stats, scale_model
 
 BATCH = 32
 BUDGET = 1e13  # FLOPs: thousands of times the largest trial of the grid sweep
+# Ray Train's controller takes one report per poll (2 s by default) and a worker blocks until its report is
+# taken: these trials report every few steps. The preemption watcher (an actor process per Ray Train run) only
+# acts when a cloud node is drained, which never happens here.
+FAST_RAY_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def sweep_files(root: Path, name: str, **sweep) -> Path:
@@ -59,7 +63,7 @@ def sweep_command(config: Path, root: Path, num_cpus: int = 2) -> list[str]:
 def sweep_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1"})
+                "OMP_NUM_THREADS": "1", **FAST_RAY_TRAIN})
     return env
 
 
@@ -266,22 +270,25 @@ def test_a_sweep_leaves_its_table_curves_plots_and_mlflow_runs(resumed_sweep):
 # --------------------------------------------------------------------------- ASHA
 
 
+STEPS, RUNG = 10, 5  # the ASHA sweep's trials and its first rung, in steps
+
+
 @pytest.mark.timeout(1200)
 def test_asha_stops_the_trailing_trial_and_the_next_one_still_runs(tmp_path):
     # Grid order is the list order: a good rate, a rate too small to learn anything, a good rate.
-    # Evaluations every 5 steps of 20, rungs at 5, 10 and 20: a trial stopped at the first rung has three
-    # quarters of its steps still ahead of it.
-    config = sweep_files(tmp_path, "asha", samples_seen=[20 * BATCH], lrs=[3e-3, 1e-9, 2e-3], scheduler="asha",
-                         asha_grace_samples=5 * BATCH, asha_reduction_factor=2, evals_per_trial=4)
+    # An evaluation at step 5 of 10, rungs at 5 and 10: a trial stopped at the first rung has half of its
+    # steps still ahead of it.
+    config = sweep_files(tmp_path, "asha", samples_seen=[STEPS * BATCH], lrs=[3e-3, 1e-9, 2e-3], scheduler="asha",
+                         asha_grace_samples=RUNG * BATCH, asha_reduction_factor=2, evals_per_trial=2)
     run_to_end(config, tmp_path, tmp_path / "sweep.log")
     results = pd.read_parquet(tmp_path / "sweeps" / "asha" / "results.parquet").set_index("lr")
     assert sorted(results.index) == [1e-9, 2e-3, 3e-3]
-    assert results.loc[3e-3, "status"] == "finished" and results.loc[3e-3, "samples_seen"] == 20 * BATCH
+    assert results.loc[3e-3, "status"] == "finished" and results.loc[3e-3, "samples_seen"] == STEPS * BATCH
     stopped = results.loc[1e-9]
-    assert stopped["status"] == "stopped" and stopped["samples_seen"] < 20 * BATCH, stopped.to_dict()
+    assert stopped["status"] == "stopped" and stopped["samples_seen"] == RUNG * BATCH, stopped.to_dict()
     assert stopped["val_loss"] > results.loc[3e-3, "val_loss"]
     # The trial after the stopped one got the freed resources and trained.
-    assert results.loc[2e-3, "samples_seen"] >= 5 * BATCH
+    assert results.loc[2e-3, "samples_seen"] >= RUNG * BATCH
     # The stopped trial's MLflow run is ended, not left running.
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(stopped["mlflow_run_id"]).info.status == "KILLED"
