@@ -56,24 +56,30 @@ class ClipScorer(ClipEncoder):
 
 
 def _block(index: int, positions: list[int], pixels: list[np.ndarray], captions: list[str], drops: list[str],
-           preprocessor: Preprocessor) -> dict[str, np.ndarray]:
-    return {"partition": np.full(len(positions), index, dtype=np.int32), "position": np.array(positions, np.int32),
-            "image": np.stack(pixels).transpose(0, 3, 1, 2), "text": preprocessor.text(captions),
-            "drop": np.array(drops, dtype=object)}
+           preprocessor: Preprocessor, tokenize: bool) -> dict[str, np.ndarray]:
+    block = {"partition": np.full(len(positions), index, dtype=np.int32), "position": np.array(positions, np.int32),
+             "image": np.stack(pixels).transpose(0, 3, 1, 2), "drop": np.array(drops, dtype=object)}
+    if tokenize:
+        block["text"] = preprocessor.text(captions)
+    return block
 
 
 def read_for_scoring(places: dict[str, np.ndarray], *, partitions: dict[int, Partition], source: SourceConfig,
-                     preprocessor: Preprocessor, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """(partition, position) rows in; the pairs at those places, decoded, out in blocks of `batch_size`."""
+                     preprocessor: Preprocessor, batch_size: int,
+                     tokenize: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """(partition, position) rows in; the pairs at those places, decoded, out in blocks of `batch_size`
+    (their captions tokenized as "text" unless `tokenize` is False: an image-only scorer needs none)."""
     wanted: dict[int, set[int]] = {}
     for index, position in zip(places["partition"].tolist(), places["position"].tolist()):
         wanted.setdefault(index, set()).add(position)
     for index, positions in wanted.items():
-        yield from _read_partition_for_scoring(index, positions, partitions[index], source, preprocessor, batch_size)
+        yield from _read_partition_for_scoring(index, positions, partitions[index], source, preprocessor, batch_size,
+                                               tokenize)
 
 
 def _read_partition_for_scoring(index: int, wanted: set[int], partition: Partition, source: SourceConfig,
-                                preprocessor: Preprocessor, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+                                preprocessor: Preprocessor, batch_size: int,
+                                tokenize: bool) -> Iterator[dict[str, np.ndarray]]:
     """Positions count the samples the reader yields, as curation's scan counted them; the reader's own skips
     were counted by the scan. The read stops at the last wanted position."""
     blank = np.zeros((preprocessor.image_size, preprocessor.image_size, 3), dtype=np.uint8)
@@ -91,12 +97,30 @@ def _read_partition_for_scoring(index: int, wanted: set[int], partition: Partiti
         positions.append(position)
         captions.append(sample.caption)
         if len(positions) == batch_size:
-            yield _block(index, positions, pixels, captions, drops, preprocessor)
+            yield _block(index, positions, pixels, captions, drops, preprocessor, tokenize)
             positions, pixels, captions, drops = [], [], [], []
         if not wanted:
             break
     if positions:
-        yield _block(index, positions, pixels, captions, drops, preprocessor)
+        yield _block(index, positions, pixels, captions, drops, preprocessor, tokenize)
+
+
+def on_actor_pool(dataset: ray.data.Dataset, actor: type, constructor_kwargs: dict,
+                  config: ClipScoreConfig) -> ray.data.Dataset:
+    """`dataset` mapped by `actor` (a ClipEncoder that loads the model once) on the config's pool of actors."""
+    resources = {"num_cpus": config.cpus_per_actor}
+    if config.gpus_per_actor:
+        resources["num_gpus"] = config.gpus_per_actor
+    return dataset.map_batches(actor, fn_constructor_kwargs=constructor_kwargs, batch_size=config.batch_size,
+                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.actors),
+                               **resources)
+
+
+def scoring_preprocessor(model: ResolvedModel, max_pixels: int) -> Preprocessor:
+    """The embedding job's preprocessing for `model`: centre crop, uint8 pixels (normalised on the actor)."""
+    model_config = model.model_config
+    return Preprocessor(model_config.vision.image_size, model_config.text.context_length, model.tokenizer,
+                        train=False, uint8_images=True, max_pixels=max_pixels)
 
 
 class ClipPairScorer:
@@ -104,21 +128,17 @@ class ClipPairScorer:
 
     def __init__(self, model: ResolvedModel, config: ClipScoreConfig, max_pixels: int):
         self.model, self.config = model, config
-        model_config = model.model_config
-        self.preprocessor = Preprocessor(model_config.vision.image_size, model_config.text.context_length,
-                                         model.tokenizer, train=False, uint8_images=True, max_pixels=max_pixels)
+        self.preprocessor = scoring_preprocessor(model, max_pixels)
+
+    def decoded(self, candidates: ray.data.Dataset, partitions: list[Partition], source: SourceConfig,
+                tokenize: bool = True) -> ray.data.Dataset:
+        """The candidates' pairs read and decoded by CPU tasks (read_for_scoring)."""
+        return candidates.map_batches(
+            read_for_scoring, batch_size=None, batch_format="numpy", num_cpus=self.config.decode_cpus,
+            fn_kwargs={"partitions": {p.index: p for p in partitions}, "source": source,
+                       "preprocessor": self.preprocessor, "batch_size": self.config.batch_size, "tokenize": tokenize})
 
     def __call__(self, candidates: ray.data.Dataset, partitions: list[Partition],
                  source: SourceConfig) -> ray.data.Dataset:
-        config = self.config
-        decoded = candidates.map_batches(
-            read_for_scoring, batch_size=None, batch_format="numpy", num_cpus=config.decode_cpus,
-            fn_kwargs={"partitions": {p.index: p for p in partitions}, "source": source,
-                       "preprocessor": self.preprocessor, "batch_size": config.batch_size})
-        resources = {"num_cpus": config.cpus_per_actor}
-        if config.gpus_per_actor:
-            resources["num_gpus"] = config.gpus_per_actor
-        return decoded.map_batches(
-            ClipScorer, fn_constructor_kwargs={"model": self.model, "precision": config.precision},
-            batch_size=config.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.actors),
-            **resources)
+        return on_actor_pool(self.decoded(candidates, partitions, source), ClipScorer,
+                             {"model": self.model, "precision": self.config.precision}, self.config)

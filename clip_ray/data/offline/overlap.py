@@ -60,8 +60,9 @@ class EvalImages:
         return self.image_folder if self.image_folder is not None else f"{self.source.format}:{self.source.path}"
 
 
-def _plan(sets: list[EvalImages], counts: FailureCounts) -> list[str]:
-    """The hashing tasks' inputs, as JSON: a partition of a source, or a run of an ImageFolder's images."""
+def plan_eval_tasks(sets: list[EvalImages], counts: FailureCounts) -> list[str]:
+    """The inputs of the tasks that read the evaluation images (hashing here, embedding in
+    clip_ray.inference.near_duplicates), as JSON: a partition of a source, or a run of an ImageFolder's images."""
     tasks = []
     for images in sets:
         if images.source is not None:
@@ -80,7 +81,8 @@ def _plan(sets: list[EvalImages], counts: FailureCounts) -> list[str]:
     return tasks
 
 
-def _images_of(task: dict, counts: FailureCounts) -> Iterator[bytes]:
+def eval_images_of(task: dict, counts: FailureCounts) -> Iterator[bytes]:
+    """The image bytes of one planned task (a caption table yields an image once per caption)."""
     if "folder" in task:
         fs, _ = resolve(task["folder"])
         listed = [tuple(item) for item in task["images"]]
@@ -93,7 +95,7 @@ def _hash_batch(batch: pa.Table) -> pa.Table:
     hashes, drops = [], []
     for text in batch["task"].to_pylist():
         counts, seen = FailureCounts(), set()
-        for image in _images_of(json.loads(text), counts):
+        for image in eval_images_of(json.loads(text), counts):
             digest = hashlib.sha256(image).digest()
             if digest not in seen:  # a caption table yields its image once per caption
                 seen.add(digest)
@@ -109,7 +111,7 @@ def hash_eval_images(sets: list[EvalImages], cpus_per_task: float = 1.0) -> tupl
     """(one row per evaluation image hashed: image_hash; the report's part: the sets, the distinct images hashed
     and the failures)."""
     planning = FailureCounts()
-    tasks = _plan(sets, planning)
+    tasks = plan_eval_tasks(sets, planning)
     report = {"sets": [images.describe() for images in sets], "images": 0, "failures": dict(planning.failed)}
     if not tasks:
         return ray.data.from_arrow(_HASH_SCHEMA.empty_table()), report
