@@ -87,6 +87,10 @@ def add_data_commands(groups: argparse._SubParsersAction) -> None:
                              "eval_overlap); FORMAT: " + ", ".join(EVAL_FORMATS) + "; KEY: " +
                              ", ".join(EVAL_SOURCE_KEYS) + " (e.g. csv:data/flickr8k,split_file=splits/test.txt); "
                              "repeatable")
+    curate.add_argument("--near-duplicate-threshold", metavar="T", type=float, default=None,
+                        help="also drop pairs whose image embedding under --clip-model has a cosine >= T (in [-1, 1]) "
+                             "with an --exclude-images image: re-encoded or resized copies (fate eval_overlap); runs "
+                             "on the --clip-* actor settings, with or without a CLIP-score threshold")
     curate.add_argument("--seed", type=int, default=0, help="picks which pairs of a query over the cap stay")
     curate.add_argument("--min-words", type=int, default=0)
     curate.add_argument("--max-words", type=int, default=None)
@@ -147,8 +151,31 @@ def clip_score_from_args(args: argparse.Namespace) -> ClipScoreConfig | None:
         top_fraction=args.clip_top_fraction, actors=args.clip_actors, cpus_per_actor=args.clip_cpus_per_actor,
         gpus_per_actor=args.clip_gpus_per_actor, decode_cpus=args.clip_decode_cpus, batch_size=args.clip_batch_size,
         precision=args.clip_precision)
-    config.validate(names=CLIP_SCORE_FLAGS)
+    if getattr(args, "near_duplicate_threshold", None) is None:
+        config.validate(names=CLIP_SCORE_FLAGS)
+    else:  # the model embeds images for the near-duplicate filter: a score threshold is optional
+        from clip_ray.driver.curate import validate_model_settings
+
+        validate_model_settings(config, names=CLIP_SCORE_FLAGS)
     return config
+
+
+def check_near_duplicate_flags(args: argparse.Namespace) -> None:
+    """--near-duplicate-threshold's own checks (ConfigError naming it), before Ray or a model is touched."""
+    from clip_ray.config import ConfigError
+    from clip_ray.data.offline.overlap import NearDuplicateFilter
+
+    flag = "--near-duplicate-threshold"
+    if args.near_duplicate_threshold is None:
+        return
+    try:
+        NearDuplicateFilter(scorer=None, threshold=args.near_duplicate_threshold).validate()
+    except ValueError as err:
+        raise ConfigError(f"{flag}: {err}") from None
+    if args.clip_model is None:
+        raise ConfigError(f"{flag}: needs {CLIP_SCORE_FLAGS['model']}, the model whose image embeddings it compares")
+    if not args.exclude_images:
+        raise ConfigError(f"{flag}: needs --exclude-images, the evaluation sets whose near copies it drops")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -167,18 +194,19 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_curate(args: argparse.Namespace) -> int:
     from clip_ray.config import ConfigError
     from clip_ray.data.offline.curate import CurateOptions
-    from clip_ray.driver.curate import curate_job, resolve_clip_model
+    from clip_ray.driver.curate import curate_job, resolve_clip_model, scores_pairs
     from clip_ray.inference.models import ModelSourceError
 
     options = CurateOptions(
-        max_per_query=args.max_per_query, balance=args.balance, seed=args.seed, min_words=args.min_words, max_words=args.max_words,
-        min_chars=args.min_chars, max_chars=args.max_chars, dedup_images=args.dedup_images,
+        max_per_query=args.max_per_query, balance=args.balance, seed=args.seed, min_words=args.min_words,
+        max_words=args.max_words, min_chars=args.min_chars, max_chars=args.max_chars, dedup_images=args.dedup_images,
         validate_images=args.validate_images, max_pixels=args.max_pixels, samples_per_shard=args.samples_per_shard,
         output_format=args.output_format, num_workers=args.num_workers, cpus_per_task=args.cpus_per_task,
         overwrite=args.overwrite, exclude_images=[eval_images_from_spec(spec) for spec in args.exclude_images],
     )
+    check_near_duplicate_flags(args)
     clip_score = clip_score_from_args(args)
-    if args.queries is None and clip_score is None:
+    if args.queries is None and not scores_pairs(clip_score):
         raise ConfigError("--queries: give a query list, a CLIP-score filter (--clip-model with --min-clip-score "
                           "and/or --clip-top-fraction), or both")
 
@@ -191,7 +219,8 @@ def run_curate(args: argparse.Namespace) -> int:
             raise ModelSourceError(f"{CLIP_SCORE_FLAGS['model']}: {err}") from None
 
     def job(model) -> dict:
-        return curate_job(source_from_args(args), args.queries, args.output, options, clip_score, model)
+        return curate_job(source_from_args(args), args.queries, args.output, options, clip_score, model,
+                          args.near_duplicate_threshold)
 
     status, _, report = run_on_model("data curate", args, resolve, job)
     if status:
