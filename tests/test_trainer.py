@@ -29,7 +29,7 @@ from clip_ray.driver.demo import prepare_demo
 from clip_ray.driver.prepare import PreparedJob, prepare_job
 from clip_ray.driver.trainer import build_trainer
 
-STEPS = 6
+STEPS = 3  # checkpoints at 1, 2 and 3: the first one is dropped, keep_checkpoints being 2
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,9 @@ def start_job(workspace, config: Config, log_name: str) -> tuple[subprocess.Pope
     log = workspace["root"] / f"{log_name}.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     # Ray Train's controller takes one report every poll (2 s by default); these runs report every step.
+    # The preemption watcher (an actor process per run) only acts when a cloud node is drained.
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"})
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})
     with log.open("w") as out:
         job = subprocess.Popen([sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", str(config_file),
                                 "--num-cpus", "3"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workspace["root"])
@@ -98,7 +99,7 @@ def test_fresh_start_moves_the_previous_run_aside(first_run, workspace):
     # Starting over, with MLflow unreachable from start to end: the old run is moved, the new one completes.
     dead_mlflow = f"http://127.0.0.1:{free_port()}"
     output = run_job(workspace, job_config(workspace, "rerun", steps=1, cluster={"fresh_start": True},
-                                           tracking={"tracking_uri": dead_mlflow}), "fresh")
+                                           tracking={"tracking_uri": dead_mlflow, "close_timeout_s": 1.0}), "fresh")
     moved = re.search(r"fresh start: moved the previous run rerun aside to (\S+)", output)
     assert moved and Path(moved.group(1)).name.startswith("rerun.moved-"), output[-3000:]
     assert checkpoint_steps(Path(moved.group(1))) == first_run, "the old run was moved, not deleted"
