@@ -66,6 +66,9 @@ def _config(demo, tmp_path, steps: int, **extra):
     return load_config(None, overrides)
 
 
+NO_EVALUATION_DATA = {"data.val": "[]", "data.zeroshot_dir": "null"}
+
+
 def _final_weights(checkpoint_root: Path) -> dict:
     return load_training_state(find_latest_checkpoint(checkpoint_root))["model"]
 
@@ -153,8 +156,10 @@ def test_two_workers_end_epochs_together_and_resume_from_their_own_places(uneven
     Resumed at the epoch's last step (12, where one worker still had pairs), two workers end bit for bit
     where the uninterrupted pair ends, each from its own place (a mid-window resume is
     test_resume_mid_epoch_ends_exactly_where_the_uninterrupted_run_ends, on one worker)."""
+    # Nothing to evaluate (no validation or zero-shot data): what is compared is where each stream stands and the
+    # weights, and the ranks start no evaluation pipelines at the end of each run.
     config = _config(uneven_demo, tmp_path, steps=16, **{"train.eval_every": 0, "train.checkpoint_every": 6,
-                                                         "cluster.num_workers": 2})
+                                                         "cluster.num_workers": 2, **NO_EVALUATION_DATA})
     whole = tmp_path / "whole"
     summaries = _train_on_two_ranks(config, whole, tmp_path)
     assert [(s["step"], s["epoch"], s["batches_in_epoch"]) for s in summaries] == [(16, 1, 4)] * 2
