@@ -198,11 +198,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000", help="pairs per run, comma-separated")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="num_cpus of the local Ray")
-    parser.add_argument("--max-per-query", type=int, default=2_000,
-                        help="the cap (rarest) or threshold t (metaclip); 2,000 bites at 100k and 1M")
+    parser.add_argument("--max-per-query", type=int, default=None,
+                        help="the cap (rarest) or threshold t (metaclip); default pairs / 50, so the same share of "
+                             "the pairs is capped at every size and the kept set grows with the input")
     parser.add_argument("--balance", default=None, help="only this balancing mode (default: every mode there is)")
     parser.add_argument("--no-dedup", action="store_true",
-                        help="skip exact-duplicate image removal (a groupby with one group per pair: the slow step)")
+                        help="skip exact-duplicate image removal (a shuffle of every candidate by image hash)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/curate-scale", help="generated data (cached) and outputs")
     parser.add_argument("--keep-output", action="store_true", help="keep the curated shards")
@@ -221,7 +222,8 @@ def main() -> None:
         if args.balance not in modes:
             raise SystemExit(f"--balance {args.balance!r}: this curate has {', '.join(map(str, modes))}")
         modes = [args.balance]
-    print(f"curate: {len(queries.read_text().splitlines())} queries, cap {args.max_per_query}, {args.cpus} CPUs, "
+    cap_text = args.max_per_query or "pairs / 50"
+    print(f"curate: {len(queries.read_text().splitlines())} queries, cap {cap_text}, {args.cpus} CPUs, "
           f"dedup {'off' if args.no_dedup else 'on'}, text-only pairs (validate_images off), "
           f"a fresh driver and local Ray per run")
     header = (f"{'pairs':>9} {'balance':>9} {'seconds':>8} {'pairs/s':>8} {'/s/CPU':>7} {'heap MiB':>9} "
@@ -235,8 +237,9 @@ def main() -> None:
     for size in sizes:
         for mode in modes:
             out_dir = work_dir / f"out-{size}-{mode or 'default'}"
-            r = run_in_fresh_process(work_dir / f"pairs-{size}", queries, out_dir, args.cpus, args.max_per_query,
-                                     mode, not args.no_dedup)
+            cap = args.max_per_query or max(1, size // 50)
+            r = run_in_fresh_process(work_dir / f"pairs-{size}", queries, out_dir, args.cpus, cap, mode,
+                                     not args.no_dedup)
             if not args.keep_output:
                 shutil.rmtree(out_dir, ignore_errors=True)
             rate = r["pairs"] / r["seconds"]

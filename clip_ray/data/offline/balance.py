@@ -28,10 +28,11 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import ray
 
-from clip_ray.data.offline.pair_rows import KEPT, OVER_CAP, in_input_order, set_column, set_drop
+from clip_ray.data.offline.pair_rows import KEPT, OVER_CAP, in_whole_groups, order_in_groups, set_column, set_drop
 
 BalanceMode = Literal["rarest", "metaclip"]
 BALANCE_MODES: tuple[str, ...] = ("rarest", "metaclip")
@@ -55,15 +56,16 @@ def _assign_rarest(batch: pa.Table, matched: list[int]) -> pa.Table:
     return set_column(batch, "query", assigned, pa.int32())
 
 
-def _apply_cap(group: pa.Table, cap: int, seed: int) -> pa.Table:
-    """All pairs assigned to one query: the `cap` of lowest rank stay, the rest are over the cap."""
-    group = in_input_order(group)
-    places = zip(group["partition"].to_pylist(), group["position"].to_pylist())
-    ranks = [cap_rank(seed, partition, position) for partition, position in places]
-    kept = set(sorted(range(group.num_rows), key=ranks.__getitem__)[:cap])
-    group = set_drop(group, [KEPT if i in kept else OVER_CAP for i in range(group.num_rows)])
-    query = group["query"].to_pylist()
-    return set_column(group, "kept_for", [[query[i]] if i in kept else [] for i in range(group.num_rows)], _LIST)
+def _apply_cap(block: pa.Table, cap: int, seed: int) -> pa.Table:
+    """Whole groups of pairs assigned to one query: in each, the `cap` of lowest rank stay (ties to the earlier
+    pair), the rest are over the cap."""
+    places = zip(block["partition"].to_pylist(), block["position"].to_pylist())
+    block = block.append_column("_rank", pa.array([cap_rank(seed, *place) for place in places], pa.uint64()))
+    block, place = order_in_groups(block, "query", ["_rank", "partition", "position"])
+    kept = place < cap
+    block = set_drop(block.drop_columns(["_rank"]), np.where(kept, KEPT, OVER_CAP).tolist())
+    queries = block["query"].to_pylist()
+    return set_column(block, "kept_for", [[q] if keep else [] for q, keep in zip(queries, kept)], _LIST)
 
 
 def _draw_metaclip(batch: pa.Table, matched: list[int], threshold: int, seed: int) -> pa.Table:
@@ -86,6 +88,5 @@ def balance(survivors: ray.data.Dataset, mode: BalanceMode, matched: list[int], 
                                      fn_kwargs={"matched": matched, "threshold": threshold, "seed": seed})
     if mode != "rarest":
         raise ValueError(f"balance must be one of {BALANCE_MODES}, got {mode!r}")
-    return (survivors.map_batches(_assign_rarest, fn_kwargs={"matched": matched}, batch_format="pyarrow")
-            .groupby("query", num_partitions=num_partitions)
-            .map_groups(_apply_cap, fn_kwargs={"cap": threshold, "seed": seed}, batch_format="pyarrow"))
+    assigned = survivors.map_batches(_assign_rarest, fn_kwargs={"matched": matched}, batch_format="pyarrow")
+    return in_whole_groups(assigned, "query", _apply_cap, num_partitions, cap=threshold, seed=seed)

@@ -34,7 +34,8 @@ A query's matched count is the number of pairs that match it after steps 1-4.
 Pass one reads every partition (as `convert` partitions it) in parallel and
 emits one small row per pair: position, fate so far, matched query ids, image
 hash (clip_ray.data.offline.pair_rows). Steps 4-7 work on those rows in Ray
-Data: joins and groupbys by image hash, by partition and by query. The kept rows
+Data: joins and groupbys by image hash, by partition and by query, each a
+hash shuffle then one vectorised call per block. The kept rows
 are written per partition to storage (clip_ray.data.offline.selection), and pass
 two re-reads the partitions, each task with its own partition's selection, and
 writes the kept samples with `convert`'s writer, so the output folder follows its
@@ -59,6 +60,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import ray
 
@@ -72,7 +74,7 @@ from clip_ray.data.offline.overlap import (
 )
 from clip_ray.data.offline.pair_rows import (
     DUPLICATE_IMAGE, EVAL_OVERLAP, KEPT, NO_QUERY_MATCH, OVER_CAP, SCAN_SCHEMA, TOO_LONG, TOO_SHORT, count_fates,
-    in_input_order, pairs_per_query, set_drop, still_in,
+    in_whole_groups, order_in_groups, pairs_per_query, set_drop, still_in,
 )
 from clip_ray.data.offline.partitions import ConvertOptions, Partition, plan_partitions, read_partition, write_json
 from clip_ray.data.offline.score_filter import LOW_CLIP_SCORE, ScoreFilter, filter_by_score, scored_report
@@ -181,10 +183,11 @@ def shuffle_partitions(num_rows: int) -> int:
     return max(1, min(200, math.ceil(num_rows / ROWS_PER_SHUFFLE_PARTITION)))
 
 
-def _mark_duplicates(group: pa.Table) -> pa.Table:
-    """All pairs with one image hash: the first in input order stays, the rest are duplicates."""
-    group = in_input_order(group)
-    return set_drop(group, [KEPT] + [DUPLICATE_IMAGE] * (group.num_rows - 1))
+def _mark_duplicates(block: pa.Table) -> pa.Table:
+    """Whole groups of pairs with one image hash: in each, the first in input order stays, the rest are
+    duplicates."""
+    block, place = order_in_groups(block, "image_hash", ["partition", "position"])
+    return set_drop(block, np.where(place == 0, KEPT, DUPLICATE_IMAGE).tolist())
 
 
 @dataclass
@@ -234,8 +237,8 @@ def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
         else:
             decisions.score_report = scored_report(score_filter, 0)
     if options.dedup_images and candidates.count():
-        candidates, _ = _drop_step(candidates.groupby("image_hash", num_partitions=num_partitions)
-                                   .map_groups(_mark_duplicates, batch_format="pyarrow"), decisions)
+        marked = in_whole_groups(candidates, "image_hash", _mark_duplicates, num_partitions)
+        candidates, _ = _drop_step(marked, decisions)
     if num_queries and candidates.count():
         candidates = balance(candidates, options.balance, decisions.matched, options.max_per_query, options.seed,
                              num_partitions).materialize()

@@ -128,13 +128,13 @@ def hash_eval_images(sets: list[EvalImages], cpus_per_task: float = 1.0) -> tupl
     return hashed.select_columns(["image_hash"]), report
 
 
-def _mark_overlap(group: pa.Table) -> pa.Table:
-    """All rows with one image hash: when an evaluation image is among them, every pair is eval_overlap."""
-    is_eval = pc.equal(group[SIDE], 1)
-    pairs = group.filter(pc.invert(is_eval)).drop_columns([SIDE])
-    if pairs.num_rows and pc.any(is_eval).as_py():
-        pairs = set_drop(pairs, [EVAL_OVERLAP] * pairs.num_rows)
-    return pairs
+def _mark_overlap(block: pa.Table) -> pa.Table:
+    """Whole groups of rows with one image hash: a pair whose hash is an evaluation image's is eval_overlap."""
+    is_eval = pc.equal(block[SIDE], 1)
+    pairs = block.filter(pc.invert(is_eval)).drop_columns([SIDE])
+    leaked = pc.is_in(pairs["image_hash"], value_set=block.filter(is_eval)["image_hash"].combine_chunks())
+    fates = np.where(leaked.to_numpy(zero_copy_only=False), EVAL_OVERLAP, pairs["drop"].to_numpy(zero_copy_only=False))
+    return set_drop(pairs, fates.tolist())
 
 
 def mark_overlap(candidates: ray.data.Dataset, eval_hashes: ray.data.Dataset,

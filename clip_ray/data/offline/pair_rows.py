@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.context import ShuffleStrategy
 
 KEPT = ""
 TOO_SHORT = "too_short"
@@ -51,10 +52,6 @@ def set_drop(group: pa.Table, fates: list[str]) -> pa.Table:
     return set_column(group, "drop", fates, pa.string())
 
 
-def in_input_order(group: pa.Table) -> pa.Table:
-    return group.take(pc.sort_indices(group, [("partition", "ascending"), ("position", "ascending")]))
-
-
 def _fates_in_block(batch: pa.Table) -> pa.Table:
     fates = pc.value_counts(batch["drop"])
     return pa.table({"drop": fates.field("values"), "count": fates.field("counts")})
@@ -72,21 +69,42 @@ def _one_row_per_query(batch: pa.Table, column: str) -> pa.Table:
     return pa.table({"query": pc.list_flatten(batch[column])})
 
 
-def _group_size(group: pa.Table) -> pa.Table:
-    return pa.table({"query": group["query"].slice(0, 1), "pairs": [group.num_rows]})
-
-
 def pairs_per_query(rows: ray.data.Dataset, column: str, num_queries: int, num_partitions: int) -> list[int]:
-    """How many rows hold each query id in their list `column`: a groupby, so the driver gets one row per query."""
+    """How many rows hold each query id in their list `column`: a groupby count, so the driver gets one row per
+    query."""
     counts = [0] * num_queries
     if not num_queries:
         return counts
     per_query = (rows.map_batches(_one_row_per_query, fn_kwargs={"column": column}, batch_format="pyarrow")
-                 .groupby("query", num_partitions=num_partitions).map_groups(_group_size, batch_format="pyarrow"))
+                 .groupby("query", num_partitions=num_partitions).count())
     for batch in per_query.iter_batches(batch_format="pyarrow"):
-        for query, pairs in zip(batch["query"].to_pylist(), batch["pairs"].to_pylist()):
+        for query, pairs in zip(batch["query"].to_pylist(), batch["count()"].to_pylist()):
             counts[query] = pairs
     return counts
+
+
+_HASH_SHUFFLES = (ShuffleStrategy.HASH_SHUFFLE, ShuffleStrategy.SHUFFLE_V2, ShuffleStrategy.GPU_SHUFFLE)
+
+
+def in_whole_groups(dataset: ray.data.Dataset, key: str, fn: Callable[..., pa.Table], num_partitions: int,
+                    **fn_kwargs) -> ray.data.Dataset:
+    """`fn` over blocks that each hold whole groups of the rows sharing `key`, placed as map_groups places them,
+    but called once per block: with a per-pair key (an image hash) map_groups would call it once per pair."""
+    if dataset.context.shuffle_strategy in _HASH_SHUFFLES:
+        shuffled = dataset.repartition(num_partitions, keys=[key], sort=True)
+    else:
+        shuffled = dataset.sort(key)
+    return shuffled.map_batches(fn, batch_size=None, batch_format="pyarrow", fn_kwargs=fn_kwargs)
+
+
+def order_in_groups(block: pa.Table, key: str, order: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """(the block sorted by `key`, then `order`; each row's place in its group of equal keys, from 0)."""
+    block = block.sort_by([(name, "ascending") for name in (key, *order)])
+    keys = block[key].to_numpy(zero_copy_only=False)
+    starts_group = np.ones(len(keys), dtype=bool)
+    starts_group[1:] = keys[1:] != keys[:-1]
+    group_start = np.maximum.accumulate(np.where(starts_group, np.arange(len(keys)), 0))
+    return block, np.arange(len(keys)) - group_start
 
 
 def _as_side(batch: pa.Table, side: int, schema: pa.Schema) -> pa.Table:
@@ -99,9 +117,9 @@ def _as_side(batch: pa.Table, side: int, schema: pa.Schema) -> pa.Table:
 
 def joined_by(pairs: ray.data.Dataset, other: ray.data.Dataset, key: str, match: Callable[[pa.Table], pa.Table],
               num_partitions: int) -> ray.data.Dataset:
-    """A join as one groupby: both sides' rows, in the pairs' schema plus SIDE, grouped by `key` and handed to
-    `match`, which returns the group's pair rows (without SIDE)."""
+    """A join as one shuffle: both sides' rows, in the pairs' schema plus SIDE, in blocks holding whole groups of
+    `key`, handed to `match`, which returns the block's pair rows (without SIDE)."""
     schema = pairs.schema().base_schema
     left = pairs.map_batches(_as_side, fn_kwargs={"side": 0, "schema": schema}, batch_format="pyarrow")
     right = other.map_batches(_as_side, fn_kwargs={"side": 1, "schema": schema}, batch_format="pyarrow")
-    return left.union(right).groupby(key, num_partitions=num_partitions).map_groups(match, batch_format="pyarrow")
+    return in_whole_groups(left.union(right), key, match, num_partitions)

@@ -7,8 +7,8 @@ returns one SCORE_SCHEMA row per candidate it could score, or with `drop` set to
 the reason it could not (an image that does not decode): small rows, never images.
 
 Those rows are joined to the candidates by (partition, position): both sides go
-into one Ray Data groupby by partition, and each partition's rows are matched
-there. A candidate without a score row (its partition read shorter the second
+into one Ray Data shuffle by partition, and each block's rows (whole
+partitions) are matched there. A candidate without a score row (its partition read shorter the second
 time) is dropped as unreadable_shard. Then every scored pair gets its fate:
 
 - `min_score`: a pair whose score is below it is low_clip_score;
@@ -36,7 +36,7 @@ import ray
 
 from clip_ray.config import SourceConfig
 from clip_ray.data.formats import FailureReason
-from clip_ray.data.offline.pair_rows import SIDE, joined_by
+from clip_ray.data.offline.pair_rows import SIDE, joined_by, set_column, set_drop
 from clip_ray.data.offline.partitions import Partition
 
 LOW_CLIP_SCORE = "low_clip_score"
@@ -71,20 +71,20 @@ class ScoreFilter:
 # --------------------------------------------------------------------------- the join
 
 
-def _match_scores(group: pa.Table) -> pa.Table:
-    """One partition's candidate and score rows -> its candidate rows with score and drop filled in."""
-    is_score = pc.equal(group[SIDE], 1)
-    scores = group.filter(is_score)
-    found: dict[int, tuple[float, str]] = {}
-    for position, score, drop in zip(*(scores[name].to_pylist() for name in ("position", "score", "drop"))):
-        found.setdefault(position, (score, drop))  # a retried task's repeat says the same
-    pairs = group.filter(pc.invert(is_score)).drop_columns([SIDE])
+def _match_scores(block: pa.Table) -> pa.Table:
+    """Whole partitions' candidate and score rows -> their candidate rows with score and drop filled in."""
+    is_score = pc.equal(block[SIDE], 1)
+    scores = block.filter(is_score)
+    found: dict[tuple[int, int], tuple[float, str]] = {}
+    for place, score, drop in zip(zip(scores["partition"].to_pylist(), scores["position"].to_pylist()),
+                                  scores["score"].to_pylist(), scores["drop"].to_pylist()):
+        found.setdefault(place, (score, drop))  # a retried task's repeat says the same
+    pairs = block.filter(pc.invert(is_score)).drop_columns([SIDE])
     missing = (None, FailureReason.UNREADABLE_SHARD.value)
-    matched = [found.get(position, missing) for position in pairs["position"].to_pylist()]
-    pairs = pairs.set_column(pairs.schema.get_field_index("score"), "score",
-                             pa.array([score for score, _ in matched], pa.float32()))
-    return pairs.set_column(pairs.schema.get_field_index("drop"), "drop",
-                            pa.array([drop for _, drop in matched], pa.string()))
+    matched = [found.get(place, missing) for place in zip(pairs["partition"].to_pylist(),
+                                                          pairs["position"].to_pylist())]
+    pairs = set_column(pairs, "score", [score for score, _ in matched], pa.float32())
+    return set_drop(pairs, [drop for _, drop in matched])
 
 
 def attach_scores(candidates: ray.data.Dataset, scores: ray.data.Dataset, num_partitions: int) -> ray.data.Dataset:
