@@ -43,16 +43,17 @@ class ClipScoreConfig:
     # Autocast of the encoder: auto is fp16 on a GPU, fp32 on a CPU. Scores are cosines of float32 unit vectors.
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
-    def validate(self, key: str = "clip_score", names: dict[str, str] | None = None) -> None:
-        """Raises ConfigError naming the field as `key.field`, or as `names[field]` where given (e.g. a flag)."""
+    def validate(self, key: str = "clip_score", names: dict[str, str] | None = None, require_rule: bool = True) -> None:
+        """Raises ConfigError naming the field as `key.field`, or as `names[field]` where given (e.g. a flag).
+        `require_rule=False`: only the model and the actors are wanted (curation's near-duplicate filter)."""
         names = names or {}
 
         def name(field: str) -> str:
             return names.get(field, f"{key}.{field}")
 
         check(bool(self.model), name("model"), self.model, "is required")
-        check(self.min_score is not None or self.top_fraction is not None, name("min_score"), self.min_score,
-              f"give a threshold or {name('top_fraction')} (or both)")
+        check(not require_rule or self.min_score is not None or self.top_fraction is not None, name("min_score"),
+              self.min_score, f"give a threshold or {name('top_fraction')} (or both)")
         check(self.min_score is None or -1 <= self.min_score <= 1, name("min_score"), self.min_score,
               "is a cosine: must be in [-1, 1]")
         check(self.top_fraction is None or 0 < self.top_fraction <= 1, name("top_fraction"), self.top_fraction,

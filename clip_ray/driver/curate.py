@@ -12,8 +12,6 @@ filter's, so near-duplicates alone leave them None.
 
 from __future__ import annotations
 
-import dataclasses
-
 from clip_ray.config import SourceConfig
 from clip_ray.config.clip_score import ClipScoreConfig
 from clip_ray.data.offline.curate import CurateOptions, curate
@@ -45,8 +43,7 @@ def scores_pairs(config: ClipScoreConfig | None) -> bool:
 def validate_model_settings(config: ClipScoreConfig, names: dict[str, str] | None = None) -> None:
     """Checks what the near-duplicate filter uses of `config` (the model, the actors), not the score filter's
     thresholds: those are checked as a score filter's when given, and are not required."""
-    rule = {} if scores_pairs(config) else {"top_fraction": 1.0}  # stands in for the absent rule, checks nothing
-    dataclasses.replace(config, **rule).validate(names=names)
+    config.validate(names=names, require_rule=scores_pairs(config))
 
 
 def near_duplicate_filter(config: ClipScoreConfig, model: ResolvedModel, threshold: float,

@@ -29,13 +29,12 @@ from clip_ray.inference.mlflow_models import (
 )
 from clip_ray.inference.models import checkpoint_directory
 from clip_ray.inference.sources import ModelSourceError, local_copy, tokenizer_file
+from clip_ray.model.interop import CLIP_BPE_EOT_ID, CLIP_BPE_SOT_ID
 from clip_ray.model.tokenizer import CLIP_VOCAB_SIZE, Tokenizer, load_tokenizer
 from clip_ray.storage import basename, is_uri, join, local_absolute, resolve
 
 log = logging.getLogger("clip_ray.inference")
 
-# OpenAI's BPE: 49,406 words then <|startoftext|> and <|endoftext|>.
-CLIP_SOT_ID, CLIP_EOT_ID = CLIP_VOCAB_SIZE - 2, CLIP_VOCAB_SIZE - 1
 HF_CONFIG_FILE = "config.json"
 EXPORTED_CONFIG_FILE = "model_config.json"
 
@@ -90,7 +89,7 @@ def _facts_from_weights(state_dict: dict, tokenizer_path: str | None = None) -> 
     embedding = state_dict.get("token_embedding.weight")
     vocab = None if embedding is None else int(embedding.shape[0])
     if vocab == CLIP_VOCAB_SIZE and tokenizer_path is None:
-        return TokenizerFacts(vocab, CLIP_SOT_ID, CLIP_EOT_ID)
+        return TokenizerFacts(vocab, CLIP_BPE_SOT_ID, CLIP_BPE_EOT_ID)
     return TokenizerFacts(vocab, tokenizer_path=tokenizer_path)
 
 

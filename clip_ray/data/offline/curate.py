@@ -231,9 +231,7 @@ def decide(scan: ray.data.Dataset, options: CurateOptions, num_queries: int,
         if candidates.count():
             judged, decisions.score_report = filter_by_score(candidates, score_filter, partitions, source,
                                                              num_partitions)
-            fates = count_fates(judged)
-            decisions.dropped.update((fate, n) for fate, n in fates.items() if fate != KEPT)
-            candidates = still_in(judged).materialize()
+            candidates, _ = _drop_step(judged, decisions)
         else:
             decisions.score_report = scored_report(score_filter, 0)
     if options.dedup_images and candidates.count():
