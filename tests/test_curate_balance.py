@@ -107,7 +107,7 @@ def one_worker(layout, flickr8k_dir):
 
 
 @pytest.mark.shared_data
-def test_metaclip_keeps_the_drawn_pairs_and_counts_every_fate(one_worker, layout):
+def test_metaclip_keeps_the_drawn_pairs_and_counts_every_fate(one_worker, layout, flickr8k_dir):
     kept, counts = expected_metaclip()
     # Every query at or under t keeps all its pairs; dog's 28 are thinned to about t on its own account.
     assert all(counts[q]["kept"] == counts[q]["matched"] for q in ("ball", "beach"))
@@ -121,6 +121,8 @@ def test_metaclip_keeps_the_drawn_pairs_and_counts_every_fate(one_worker, layout
     assert report["dropped"] == {"no_query_match": 23, "eval_overlap": 2, "duplicate_image": 0,
                                  "over_cap": matching - 2 - len(kept)}
     assert report["eval_overlap"]["images"] == 1000 + 2 and report["eval_overlap"]["failures"] == {}
+    assert report["eval_overlap"]["sets"] == [f"imagefolder:{layout / 'eval-folder'}", f"csv:{flickr8k_dir}"]
+    assert report["eval_overlap"]["exact"] == 2
     assert not (layout / "out-1" / "_selection").exists()  # the hand-over files are gone
 
 

@@ -57,7 +57,9 @@ class EvalImages:
             self.source.validate("exclude_images.source")
 
     def describe(self) -> str:
-        return self.image_folder if self.image_folder is not None else f"{self.source.format}:{self.source.path}"
+        if self.image_folder is not None:
+            return f"imagefolder:{self.image_folder}"
+        return f"{self.source.format}:{self.source.path}"
 
 
 def plan_eval_tasks(sets: list[EvalImages], counts: FailureCounts) -> list[str]:
