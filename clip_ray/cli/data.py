@@ -151,12 +151,10 @@ def clip_score_from_args(args: argparse.Namespace) -> ClipScoreConfig | None:
         top_fraction=args.clip_top_fraction, actors=args.clip_actors, cpus_per_actor=args.clip_cpus_per_actor,
         gpus_per_actor=args.clip_gpus_per_actor, decode_cpus=args.clip_decode_cpus, batch_size=args.clip_batch_size,
         precision=args.clip_precision)
-    if getattr(args, "near_duplicate_threshold", None) is None:
-        config.validate(names=CLIP_SCORE_FLAGS)
-    else:  # the model embeds images for the near-duplicate filter: a score threshold is optional
-        from clip_ray.driver.curate import validate_model_settings
-
-        validate_model_settings(config, names=CLIP_SCORE_FLAGS)
+    # With --near-duplicate-threshold the model embeds images for that filter: a score rule is optional.
+    near_duplicates_only = getattr(args, "near_duplicate_threshold", None) is not None and \
+        config.min_score is None and config.top_fraction is None
+    config.validate(names=CLIP_SCORE_FLAGS, require_rule=not near_duplicates_only)
     return config
 
 

@@ -40,12 +40,6 @@ def scores_pairs(config: ClipScoreConfig | None) -> bool:
     return config is not None and (config.min_score is not None or config.top_fraction is not None)
 
 
-def validate_model_settings(config: ClipScoreConfig, names: dict[str, str] | None = None) -> None:
-    """Checks what the near-duplicate filter uses of `config` (the model, the actors), not the score filter's
-    thresholds: those are checked as a score filter's when given, and are not required."""
-    config.validate(names=names, require_rule=scores_pairs(config))
-
-
 def near_duplicate_filter(config: ClipScoreConfig, model: ResolvedModel, threshold: float,
                           options: CurateOptions) -> NearDuplicateFilter:
     """The near-duplicate filter curation runs: the evaluation images of `options.exclude_images` embedded on the
@@ -71,10 +65,8 @@ def curate_job(source: SourceConfig, queries_file: str | None, out_dir: str, opt
     options = options or CurateOptions()
     score_filter = near_duplicates = None
     if clip_score is not None:
-        if scores_pairs(clip_score) or near_duplicate_threshold is None:
-            clip_score.validate()  # a score filter's config, rule included
-        else:
-            validate_model_settings(clip_score)
+        # near-duplicates alone use only the model and the actors: no score rule is required then
+        clip_score.validate(require_rule=near_duplicate_threshold is None or scores_pairs(clip_score))
         model = model or resolve_clip_model(clip_score)
     elif near_duplicate_threshold is not None:
         raise ValueError("a near-duplicate filter needs clip_score: its model and actor settings embed the images")

@@ -23,8 +23,6 @@ candidate that does not decode gets its reason as its fate, as the CLIP score's 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Iterator
 
 import numpy as np
@@ -34,7 +32,7 @@ import torch
 from clip_ray.config import SourceConfig
 from clip_ray.config.clip_score import ClipScoreConfig
 from clip_ray.data.formats import BadSample, FailureCounts, Sample
-from clip_ray.data.offline.overlap import EvalImages, eval_images_of, plan_eval_tasks
+from clip_ray.data.offline.overlap import EvalImages, distinct_eval_images, plan_eval_tasks
 from clip_ray.data.offline.partitions import Partition
 from clip_ray.data.stream.preprocess import Preprocessor
 from clip_ray.inference.clip_score import ClipPairScorer, on_actor_pool, scoring_preprocessor
@@ -101,13 +99,9 @@ def _decode_eval_images(batch: dict[str, np.ndarray], *, preprocessor: Preproces
     """Planned tasks in; their distinct images decoded (or blank with the reason they were not) out in blocks."""
     blank = np.zeros((preprocessor.image_size, preprocessor.image_size, 3), dtype=np.uint8)
     pixels, drops = [], []
-    for text in batch["task"].tolist():
-        counts, seen = FailureCounts(), set()
-        for image in eval_images_of(json.loads(text), counts):
-            digest = hashlib.sha256(image).digest()
-            if digest in seen:  # a caption table yields its image once per caption
-                continue
-            seen.add(digest)
+    for task in batch["task"].tolist():
+        counts = FailureCounts()
+        for _, image in distinct_eval_images(task, counts):
             try:
                 pixels.append(preprocessor.image(Sample(key="", image=image, caption="")))
                 drops.append("")

@@ -33,7 +33,7 @@ from clip_ray.config import SourceConfig
 from clip_ray.data.formats import FailureCounts, FailureReason, list_image_folder
 from clip_ray.data.formats.folders import read_listed_images
 from clip_ray.data.offline.pair_rows import (
-    EVAL_OVERLAP, KEPT, SIDE, count_fates, joined_by, set_column, set_drop, with_fate,
+    EVAL_OVERLAP, KEPT, SIDE, count_fates, joined_by, set_column, set_drop, still_in,
 )
 from clip_ray.data.offline.partitions import Partition, plan_partitions, read_partition
 from clip_ray.data.offline.score_filter import PairScorer, attach_scores
@@ -83,8 +83,7 @@ def plan_eval_tasks(sets: list[EvalImages], counts: FailureCounts) -> list[str]:
     return tasks
 
 
-def eval_images_of(task: dict, counts: FailureCounts) -> Iterator[bytes]:
-    """The image bytes of one planned task (a caption table yields an image once per caption)."""
+def _images_of(task: dict, counts: FailureCounts) -> Iterator[bytes]:
     if "folder" in task:
         fs, _ = resolve(task["folder"])
         listed = [tuple(item) for item in task["images"]]
@@ -93,16 +92,24 @@ def eval_images_of(task: dict, counts: FailureCounts) -> Iterator[bytes]:
     return (sample.image for sample in read_partition(partition, SourceConfig(**task["source"]), counts))
 
 
+def distinct_eval_images(task: str, counts: FailureCounts) -> Iterator[tuple[bytes, bytes]]:
+    """(sha256, image bytes) of each distinct image of one planned task (JSON, from plan_eval_tasks): a caption
+    table yields its image once per caption. What could not be read is counted in `counts`."""
+    seen = set()
+    for image in _images_of(json.loads(task), counts):
+        digest = hashlib.sha256(image).digest()
+        if digest not in seen:
+            seen.add(digest)
+            yield digest, image
+
+
 def _hash_batch(batch: pa.Table) -> pa.Table:
     hashes, drops = [], []
-    for text in batch["task"].to_pylist():
-        counts, seen = FailureCounts(), set()
-        for image in eval_images_of(json.loads(text), counts):
-            digest = hashlib.sha256(image).digest()
-            if digest not in seen:  # a caption table yields its image once per caption
-                seen.add(digest)
-                hashes.append(digest)
-                drops.append("")
+    for task in batch["task"].to_pylist():
+        counts = FailureCounts()
+        for digest, _ in distinct_eval_images(task, counts):
+            hashes.append(digest)
+            drops.append("")
         for reason, n in sorted(counts.failed.items()):
             hashes += [b""] * n
             drops += [reason] * n
@@ -126,8 +133,7 @@ def hash_eval_images(sets: list[EvalImages], cpus_per_task: float = 1.0) -> tupl
         else:
             report["images"] = n
     report["failures"] = dict(sorted(report["failures"].items()))
-    hashed = rows.map_batches(with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")
-    return hashed.select_columns(["image_hash"]), report
+    return still_in(rows).select_columns(["image_hash"]), report
 
 
 def _mark_overlap(block: pa.Table) -> pa.Table:

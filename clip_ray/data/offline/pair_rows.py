@@ -34,14 +34,13 @@ SCAN_SCHEMA = pa.schema([
 SIDE = "_side"  # while two datasets are joined: 0 for a row of the pairs, 1 for a row of the other side
 
 
-def with_fate(batch: pa.Table, kept: bool) -> pa.Table:
-    """The rows still in the running (kept=True) or the ones already dropped."""
-    still_in = pc.equal(batch["drop"], KEPT)
-    return batch.filter(still_in if kept else pc.invert(still_in))
+def _still_in_block(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch["drop"], KEPT))
 
 
 def still_in(dataset: ray.data.Dataset) -> ray.data.Dataset:
-    return dataset.map_batches(with_fate, fn_kwargs={"kept": True}, batch_format="pyarrow")
+    """The rows still in the running."""
+    return dataset.map_batches(_still_in_block, batch_format="pyarrow")
 
 
 def set_column(group: pa.Table, name: str, values: list, kind: pa.DataType) -> pa.Table:
